@@ -1,0 +1,33 @@
+# The two commands of the README: `make run` and `make test`. Everything else is plumbing.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The same pin gives the CPU build here and a CUDA build on a GPU machine.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test lint setup clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+## Set up, then run the bot (or, with no DISCORD_TOKEN, the local playground on the tiny model).
+run: setup
+	$(BIN)/sdbot
+
+## Set up, then lint, type-check and run the whole test suite.
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check bot cogs tests bench
+	$(BIN)/ruff format --check bot cogs tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,50 @@
+"""Typed domain errors. Every message is safe to show a Discord user as-is."""
+
+from __future__ import annotations
+
+
+class SdbotError(Exception):
+    """Base for errors whose message is written for the person who caused them."""
+
+    #: Short machine-readable reason stored in the job row.
+    reason: str = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(SdbotError, ValueError):
+    """A parameter is out of range or malformed; the message names it and the allowed range."""
+
+    reason = "invalid"
+
+
+class QueueFull(SdbotError):
+    """The queue cannot take another job right now."""
+
+    reason = "queue_full"
+
+
+class ModelLoadError(SdbotError):
+    """A model could not be loaded; the message says what is missing and how to fix it."""
+
+    reason = "model_load"
+
+
+class GenerationFailed(SdbotError):
+    """The pipeline raised; the job failed but the executor keeps serving."""
+
+    reason = "generation"
+
+
+class JobCancelled(SdbotError):
+    """The job was cancelled by its owner or an admin, or by shutdown."""
+
+    reason = "cancelled"
+
+
+class SettingsError(SdbotError):
+    """A setting is missing or malformed; the message names it."""
+
+    reason = "settings"

@@ -1,0 +1,89 @@
+"""The one typed settings object, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.errors import SettingsError
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SDBOT_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    # Discord's own names, without our prefix, because every bot guide uses them.
+    discord_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DISCORD_TOKEN", "discord_token")
+    )
+    discord_api_base: str | None = Field(
+        default=None, validation_alias=AliasChoices("DISCORD_API_BASE", "discord_api_base")
+    )
+
+    db_path: Path = Path("data/sdbot.db")
+    cache_dir: Path = Path("data/cache")
+    default_model: str = "builtin:tiny"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    queue_limit: int = Field(default=50, ge=1, le=10_000)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    playground_host: str = "127.0.0.1"
+    playground_port: int = Field(default=8765, ge=0, le=65535)
+
+    @field_validator("discord_token", mode="before")
+    @classmethod
+    def _blank_token_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("discord_api_base", mode="before")
+    @classmethod
+    def _check_api_base(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8765")
+        return value.rstrip("/")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @property
+    def token(self) -> str | None:
+        return self.discord_token.get_secret_value() if self.discord_token else None
+
+
+_ENV_NAMES = {"discord_token": "DISCORD_TOKEN", "discord_api_base": "DISCORD_API_BASE"}
+
+
+def env_name(field: str) -> str:
+    return _ENV_NAMES.get(field, f"SDBOT_{field.upper()}")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings or raise SettingsError with one line naming the bad variable.
+
+    The value itself is never echoed: it may be the token.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = str(err["loc"][0]) if err["loc"] else "?"
+        name = env_name(loc) if loc in Settings.model_fields else loc
+        msg = err["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"invalid setting {name}: {msg}") from None
