@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import traceback
+from typing import Any
 
 import aiohttp
 import discord
@@ -55,13 +56,20 @@ async def configure_api_base(base: str | None) -> None:
 
 class SdBot(commands.Bot):
     def __init__(
-        self, *, settings: Settings, db: Database, executor: GpuExecutor, sync: bool = False
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        executor: GpuExecutor,
+        sync: bool = False,
+        **options: Any,
     ) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=discord.Intents.default(),
             help_command=None,
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+            **options,
         )
         self.settings = settings
         self.db = db

@@ -25,7 +25,7 @@ def new_seed() -> int:
 
 def snap_to_8(value: int) -> int:
     """Latents are 1/8 of the image, so sizes must be multiples of 8; round down."""
-    return max(MIN_SIZE, value - value % 8)
+    return value - value % 8
 
 
 @dataclass(frozen=True)

@@ -7,49 +7,65 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from bot.app import SdBot, configure_api_base
 from bot.db import Database
 from bot.executor import GpuExecutor
 from bot.settings import Settings
 
+if TYPE_CHECKING:
+    from bot.engine import Engine
+
 log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def bot_resources(settings: Settings, *, sync: bool = False) -> AsyncIterator[SdBot]:
+async def bot_resources(
+    settings: Settings, *, sync: bool = False, engine: Engine | None = None, **bot_options: Any
+) -> AsyncIterator[SdBot]:
     """Open everything the bot needs, in order, and close it in reverse even on errors."""
-    from bot.engine import Engine  # torch/diffusers import takes seconds; only when serving
-
     db = await Database.open(settings.db_path)
     try:
         stale = await db.interrupt_unfinished()
         if stale:
             log.warning("%d job(s) from a previous run were marked interrupted", stale)
-        engine = Engine(device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+        if engine is None:
+            from bot.engine import Engine  # torch/diffusers take seconds to import
+
+            engine = Engine(
+                device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir
+            )
         executor = GpuExecutor(engine, db, queue_limit=settings.queue_limit)
         await executor.start()
         try:
-            yield SdBot(settings=settings, db=db, executor=executor, sync=sync)
+            yield SdBot(settings=settings, db=db, executor=executor, sync=sync, **bot_options)
         finally:
             await executor.close()
     finally:
         await db.close()
 
 
-def _cancel_on_sigterm() -> None:
-    task = asyncio.current_task()
-    if task is not None:
+def _close_on_signals(bot: SdBot) -> None:
+    """SIGTERM/SIGINT close the bot; the context managers then interrupt queued jobs cleanly."""
+    loop = asyncio.get_running_loop()
+    closing: list[asyncio.Task[None]] = []  # keep a reference so the task is not collected
+
+    def close() -> None:
+        log.info("signal received; shutting down")
+        closing.append(loop.create_task(bot.close()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+            loop.add_signal_handler(sig, close)
 
 
 async def run_bot(settings: Settings, *, sync: bool = False) -> None:
     token = settings.token
     assert token, "run_bot needs DISCORD_TOKEN"
-    _cancel_on_sigterm()
     await configure_api_base(settings.discord_api_base)
     async with bot_resources(settings, sync=sync) as bot, bot:
+        _close_on_signals(bot)
         await bot.start(token)
 
 
@@ -57,13 +73,13 @@ async def run_playground(settings: Settings) -> None:
     """Local server + bot + tiny model in one process: everything without a Discord account."""
     from bot.localdiscord.server import LocalDiscord
 
-    _cancel_on_sigterm()
     server = LocalDiscord()
     url = await server.start(settings.playground_host, settings.playground_port)
     try:
         await configure_api_base(url)
         local = settings.model_copy(update={"discord_api_base": url})
         async with bot_resources(local, sync=True) as bot, bot:
+            _close_on_signals(bot)
             print(f"sdbot playground: open {url}/ in a browser (Ctrl-C to stop)", flush=True)
             await bot.start(server.bot_token)
     finally:

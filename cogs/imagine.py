@@ -76,8 +76,8 @@ class Imagine(commands.Cog):
             "prompt": prompt,
             "negative_prompt": negative,
             "model": model,
-            "width": width or size,
-            "height": height or size,
+            "width": jobs.snap_to_8(width) if width else size,
+            "height": jobs.snap_to_8(height) if height else size,
             "steps": steps,
             "guidance": guidance,
         }

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bot.db import MIGRATIONS, Database, JobOrigin
+
+ORIGIN = JobOrigin(user_id=1, user_name="ann", guild_id=2, channel_id=3, command="imagine")
+
+
+async def test_migrations_create_the_schema_with_wal(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "sub" / "x.db")
+    try:
+        assert await db.schema_version() == len(MIGRATIONS)
+        async with db.conn.execute("PRAGMA journal_mode") as cur:
+            assert (await cur.fetchone())[0] == "wal"  # type: ignore[index]
+    finally:
+        await db.close()
+    # Reopening applies nothing twice.
+    db = await Database.open(tmp_path / "sub" / "x.db")
+    assert await db.schema_version() == len(MIGRATIONS)
+    await db.close()
+
+
+async def test_a_job_goes_queued_running_finished(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "x.db") as db:
+        job = await db.create_job(ORIGIN, {"prompt": "p", "seed": 5, "width": 64})
+        assert (await db.get_job(job))["status"] == "queued"  # type: ignore[index]
+        await db.mark_running(job)
+        await db.mark_done(job, "finished")
+        row = await db.get_job(job)
+        assert row is not None
+        assert row["status"] == "finished" and row["seed"] == 5 and row["width"] == 64
+        assert row["duration_s"] is not None and row["duration_s"] >= 0
+        # A final row is never reopened or overwritten.
+        await db.mark_done(job, "failed", error="late")
+        assert (await db.get_job(job))["status"] == "finished"  # type: ignore[index]
+        with pytest.raises(ValueError):
+            await db.mark_done(job, "running")
+
+
+async def test_rows_left_by_a_crash_become_interrupted(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    async with await Database.open(path) as db:
+        queued = await db.create_job(ORIGIN, {"prompt": "a"})
+        running = await db.create_job(ORIGIN, {"prompt": "b"})
+        await db.mark_running(running)
+        done = await db.create_job(ORIGIN, {"prompt": "c"})
+        await db.mark_done(done, "finished")
+    async with await Database.open(path) as db:
+        assert await db.interrupt_unfinished() == 2
+        statuses = {r["id"]: r["status"] for r in await db.list_jobs()}
+    assert statuses == {queued: "interrupted", running: "interrupted", done: "finished"}
+
+
+async def test_the_status_column_refuses_unknown_values(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "x.db") as db:
+        with pytest.raises(sqlite3.IntegrityError):
+            await db.create_job(ORIGIN, {"prompt": "p"}, status="lost")
+
+
+async def test_meta_round_trip(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "x.db") as db:
+        assert await db.get_meta("k") is None
+        await db.set_meta("k", "1")
+        await db.set_meta("k", "2")
+        assert await db.get_meta("k") == "2"
