@@ -194,7 +194,10 @@ class GpuExecutor:
                 await self._fail(job, "failed", exc)
             except Exception as exc:  # a bug or a driver error: fail this job only
                 log.exception("job %d failed", job.id)
-                await self._fail(job, "failed", GenerationFailed(f"Generation failed: {exc}"))
+                public = GenerationFailed(
+                    f"Generation failed unexpectedly (job #{job.id}); the error has been logged."
+                )
+                await self._fail(job, "failed", public, detail=f"{type(exc).__name__}: {exc}")
             else:
                 task = asyncio.create_task(self._finish(job, images, sampler, gpu_s))
                 self._post_tasks.add(task)
@@ -248,8 +251,11 @@ class GpuExecutor:
         self._jobs.pop(job.id, None)
         job.events.put_nowait(Finished(pngs, [req.seed], parameters, gpu_s))
 
-    async def _fail(self, job: Job, status: str, error: SdbotError) -> None:
-        await self.db.mark_done(job.id, status, reason=error.reason, error=error.message)
+    async def _fail(
+        self, job: Job, status: str, error: SdbotError, *, detail: str | None = None
+    ) -> None:
+        """End a job: the user sees error.message; the row keeps the internal detail if any."""
+        await self.db.mark_done(job.id, status, reason=error.reason, error=detail or error.message)
         job.done = True
         self._jobs.pop(job.id, None)
         job.events.put_nowait(Failed(error))

@@ -41,7 +41,10 @@ def test_no_negative_prompt_line_when_empty() -> None:
 
 
 def test_png_round_trip() -> None:
-    text = "multi\nline prompt\nNegative prompt: bad\nSteps: 4, Sampler: PLMS, CFG scale: 7, Seed: 9, Size: 8x8, Model: builtin:tiny"
+    text = (
+        "multi\nline prompt\nNegative prompt: bad\n"
+        "Steps: 4, Sampler: PLMS, CFG scale: 7, Seed: 9, Size: 8x8, Model: builtin:tiny"
+    )
     data = encode_png(Image.new("RGB", (8, 8), "red"), text)
     assert Image.open(io.BytesIO(data)).getpixel((0, 0)) == (255, 0, 0)
     assert read_parameters(data) == text

@@ -47,7 +47,9 @@ async def running_bot(
             task = asyncio.create_task(bot.start(server.bot_token))
             try:
                 ready = asyncio.create_task(bot.wait_until_ready())
-                done, _ = await asyncio.wait({ready, task}, timeout=30, return_when="FIRST_COMPLETED")
+                done, _ = await asyncio.wait(
+                    {ready, task}, timeout=30, return_when="FIRST_COMPLETED"
+                )
                 if task in done:
                     ready.cancel()
                     task.result()  # login or gateway failure: raise it here, not a timeout

@@ -1,0 +1,223 @@
+"""Engine tests on real diffusers pipelines with the tiny offline model (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from bot.engine import BUILTIN_TINY, Engine
+from bot.errors import JobCancelled, ModelLoadError
+from bot.jobs import GenerationRequest
+from bot.tiny_model import TINY_MODEL_DIRNAME, ensure_tiny_model, write_tiny_model
+
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model-cache")
+    ensure_tiny_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine(cache_dir: Path) -> Engine:
+    # CPU + float32 explicitly so results do not depend on the machine running the tests.
+    return Engine(device="cpu", dtype="float32", cache_dir=cache_dir)
+
+
+def make_request(**overrides: object) -> GenerationRequest:
+    fields: dict[str, object] = {
+        "prompt": "a red fox in snow",
+        "model": BUILTIN_TINY,
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance": 7.0,
+        "seed": 1234,
+    }
+    fields.update(overrides)
+    return GenerationRequest(**fields)  # type: ignore[arg-type]
+
+
+def pixels(image: Image.Image) -> bytes:
+    return image.tobytes()
+
+
+def test_tiny_model_folder_layout_and_loads(cache_dir: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    folder = cache_dir / TINY_MODEL_DIRNAME
+    assert (folder / "model_index.json").is_file()
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / sub).is_dir(), sub
+    assert (folder / UNET_WEIGHTS).is_file()
+    # No temp dirs left behind by the atomic build.
+    assert [p.name for p in cache_dir.iterdir()] == [TINY_MODEL_DIRNAME]
+
+    pipeline_cls: Any = StableDiffusionPipeline
+    pipe = pipeline_cls.from_pretrained(str(folder), local_files_only=True)
+    assert pipe.vae_scale_factor == 8
+    assert pipe.tokenizer.model_max_length == 77
+    ids = pipe.tokenizer("the cat").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id
+    assert len(ids) > 3
+
+
+def test_ensure_tiny_model_reuses_existing_build(cache_dir: Path) -> None:
+    folder = cache_dir / TINY_MODEL_DIRNAME
+    marker = folder / "reuse-marker"
+    marker.write_text("x")
+    before = (folder / UNET_WEIGHTS).stat().st_mtime_ns
+    try:
+        assert ensure_tiny_model(cache_dir) == folder
+        assert marker.exists()
+        assert (folder / UNET_WEIGHTS).stat().st_mtime_ns == before
+    finally:
+        marker.unlink()
+
+
+def test_ensure_tiny_model_replaces_incomplete_folder(tmp_path: Path) -> None:
+    broken = tmp_path / TINY_MODEL_DIRNAME
+    (broken / "unet").mkdir(parents=True)
+    folder = ensure_tiny_model(tmp_path)
+    assert (folder / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TINY_MODEL_DIRNAME]
+
+
+def test_write_tiny_model_is_deterministic(cache_dir: Path, tmp_path: Path) -> None:
+    write_tiny_model(tmp_path / "again")
+    first = load_file(str(cache_dir / TINY_MODEL_DIRNAME / UNET_WEIGHTS))
+    second = load_file(str(tmp_path / "again" / UNET_WEIGHTS))
+    assert first.keys() == second.keys()
+    assert all(first[k].equal(second[k]) for k in first)
+    assert (cache_dir / TINY_MODEL_DIRNAME / UNET_WEIGHTS).read_bytes() == (
+        tmp_path / "again" / UNET_WEIGHTS
+    ).read_bytes()
+
+
+def test_native_size(engine: Engine) -> None:
+    assert engine.native_size(BUILTIN_TINY) == (64, 64)
+
+
+@pytest.mark.parametrize(("width", "height"), [(64, 64), (96, 64)])
+def test_txt2img_returns_one_rgb_image_of_requested_size(
+    engine: Engine, width: int, height: int
+) -> None:
+    images = engine.txt2img(make_request(width=width, height=height))
+    assert len(images) == 1
+    image = images[0]
+    assert isinstance(image, Image.Image)
+    assert image.mode == "RGB"
+    assert image.size == (width, height)
+    # Random weights must still give a real picture, not a flat or NaN-black one.
+    assert np.asarray(image).std() > 1.0
+
+
+def test_same_seed_gives_identical_pixels(engine: Engine) -> None:
+    first = engine.txt2img(make_request(seed=7))[0]
+    second = engine.txt2img(make_request(seed=7))[0]
+    assert pixels(first) == pixels(second)
+
+
+def test_different_seed_gives_different_image(engine: Engine) -> None:
+    first = engine.txt2img(make_request(seed=7))[0]
+    second = engine.txt2img(make_request(seed=8))[0]
+    assert pixels(first) != pixels(second)
+
+
+def test_negative_prompt_changes_image(engine: Engine) -> None:
+    plain = engine.txt2img(make_request())[0]
+    negative = engine.txt2img(make_request(negative_prompt="blurry, low quality"))[0]
+    assert pixels(plain) != pixels(negative)
+
+
+def test_on_step_reports_each_step(engine: Engine) -> None:
+    calls: list[tuple[int, int]] = []
+    engine.txt2img(make_request(steps=3), on_step=lambda i, total: calls.append((i, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_cancel_from_on_step_propagates_and_engine_keeps_working(
+    engine: Engine,
+) -> None:
+    calls: list[int] = []
+
+    def cancel_at_two(i: int, total: int) -> None:
+        calls.append(i)
+        if i == 2:
+            raise JobCancelled("Cancelled by its owner.")
+
+    with pytest.raises(JobCancelled):
+        engine.txt2img(make_request(steps=4), on_step=cancel_at_two)
+    assert calls == [1, 2]
+
+    # The next job must be unaffected by the aborted one (same pixels as a fresh run).
+    after = engine.txt2img(make_request(seed=99))[0]
+    again = engine.txt2img(make_request(seed=99))[0]
+    assert pixels(after) == pixels(again)
+
+
+def test_missing_local_path_raises_model_load_error(engine: Engine, tmp_path: Path) -> None:
+    engine.load(BUILTIN_TINY)
+    missing = tmp_path / "no" / "such" / "model"
+    with pytest.raises(ModelLoadError) as info:
+        engine.load(str(missing))
+    assert str(missing) in info.value.message
+    # A typo in a source is caught before the loaded model is thrown away.
+    assert engine.loaded_source == BUILTIN_TINY
+
+
+def test_broken_model_folder_raises_model_load_error(
+    engine: Engine, cache_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(cache_dir / TINY_MODEL_DIRNAME, broken)
+    (broken / UNET_WEIGHTS).unlink()
+    with pytest.raises(ModelLoadError) as info:
+        engine.load(str(broken))
+    assert str(broken) in info.value.message
+    assert engine.loaded_source is None
+
+
+def test_folder_without_model_index_raises(engine: Engine, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"model_index\.json"):
+        engine.load(str(tmp_path))
+
+
+def test_single_file_checkpoint_not_supported(engine: Engine, tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="single-file checkpoints are not supported"):
+        engine.load(str(ckpt))
+
+
+def test_hub_id_offline_raises_helpful_model_load_error(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the env var at import time, so patch the parsed value as well.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # An empty hub cache, so a model someone happens to have cached cannot make this pass.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert not os.path.exists("sdbot-test/does-not-exist")
+
+    with pytest.raises(ModelLoadError) as info:
+        engine.load("sdbot-test/does-not-exist")
+    message = info.value.message
+    assert "sdbot-test/does-not-exist" in message
+    assert "internet" in message
+    assert "local folder" in message
+
+    # A failed load leaves the engine usable.
+    assert engine.txt2img(make_request())[0].size == (64, 64)
