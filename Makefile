@@ -25,8 +25,8 @@ test: setup lint
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check bot cogs tests bench
-	$(BIN)/ruff format --check bot cogs tests bench
+	$(BIN)/ruff check bot cogs tests $(wildcard bench)
+	$(BIN)/ruff format --check bot cogs tests $(wildcard bench)
 	$(BIN)/mypy
 
 clean:
