@@ -51,6 +51,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_status ON jobs (status) WHERE status IN ('queued', 'running');
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    """
+    CREATE TABLE model_loads (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        model       TEXT NOT NULL,
+        source      TEXT NOT NULL,
+        ok          INTEGER NOT NULL,
+        seconds     REAL NOT NULL,
+        memory_mb   REAL,
+        error       TEXT,
+        loaded_at   TEXT NOT NULL
+    );
+    ALTER TABLE jobs ADD COLUMN mode TEXT NOT NULL DEFAULT 'txt2img';
+    ALTER TABLE jobs ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN message_id INTEGER;
+    ALTER TABLE jobs ADD COLUMN gpu_seconds REAL;
+    """,
 )
 
 
@@ -131,8 +147,8 @@ class Database:
         cur = await self.conn.execute(
             """INSERT INTO jobs (guild_id, channel_id, user_id, user_name, command, prompt,
                    negative_prompt, model, width, height, steps, guidance, seed, params, status,
-                   reason, error, interaction_id, queued_at, finished_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   reason, error, interaction_id, queued_at, finished_at, mode, count)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 origin.guild_id,
                 origin.channel_id,
@@ -154,6 +170,8 @@ class Database:
                 origin.interaction_id,
                 now,
                 now if final else None,
+                str(params.get("mode") or "txt2img"),
+                params["count"] if isinstance(params.get("count"), int) else 1,
             ),
         )
         await self.conn.commit()
@@ -173,7 +191,13 @@ class Database:
         await self.conn.commit()
 
     async def mark_done(
-        self, job_id: int, status: str, *, reason: str | None = None, error: str | None = None
+        self,
+        job_id: int,
+        status: str,
+        *,
+        reason: str | None = None,
+        error: str | None = None,
+        gpu_seconds: float | None = None,
     ) -> None:
         if status not in FINAL_STATUSES:
             raise ValueError(f"{status!r} is not a final status")
@@ -183,10 +207,15 @@ class Database:
         if row is not None and row["started_at"]:
             duration = (_parse_time(now) - _parse_time(row["started_at"])).total_seconds()
         await self.conn.execute(
-            """UPDATE jobs SET status=?, reason=?, error=?, finished_at=?, duration_s=?
-               WHERE id=? AND status IN ('queued', 'running')""",
-            (status, reason, error, now, duration, job_id),
+            """UPDATE jobs SET status=?, reason=?, error=?, finished_at=?, duration_s=?,
+                   gpu_seconds=? WHERE id=? AND status IN ('queued', 'running')""",
+            (status, reason, error, now, duration, gpu_seconds, job_id),
         )
+        await self.conn.commit()
+
+    async def set_message_id(self, job_id: int, message_id: int) -> None:
+        """The Discord message holding a job's result, for buttons and /history links."""
+        await self.conn.execute("UPDATE jobs SET message_id=? WHERE id=?", (message_id, job_id))
         await self.conn.commit()
 
     async def interrupt_unfinished(self) -> int:
@@ -199,6 +228,23 @@ class Database:
         )
         await self.conn.commit()
         return cur.rowcount
+
+    async def record_model_load(
+        self,
+        *,
+        model: str,
+        source: str,
+        ok: bool,
+        seconds: float,
+        memory_mb: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        await self.conn.execute(
+            """INSERT INTO model_loads (model, source, ok, seconds, memory_mb, error, loaded_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            (model, source, int(ok), seconds, memory_mb, error, utcnow()),
+        )
+        await self.conn.commit()
 
     async def get_meta(self, key: str) -> str | None:
         async with self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)) as cur:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
+
+from PIL import Image
 
 from bot.errors import InvalidRequest
 
@@ -28,9 +30,32 @@ def snap_to_8(value: int) -> int:
     return value - value % 8
 
 
+Mode = Literal["txt2img", "img2img", "inpaint"]
+MODES: tuple[Mode, ...] = ("txt2img", "img2img", "inpaint")
+MAX_COUNT = 4
+MIN_STRENGTH = 0.05
+MAX_STRENGTH = 1.0
+DEFAULT_SCHEDULER = "default"  # the model's own scheduler
+MAX_LORAS = 4
+MIN_LORA_WEIGHT = -2.0
+MAX_LORA_WEIGHT = 2.0
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA from the catalog's LoRA folder, applied with a weight."""
+
+    name: str
+    weight: float = 1.0
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything the engine needs to make an image. Built once, validated once, never edited."""
+    """Everything the engine needs to make an image. Built once, validated once, never edited.
+
+    `count` images use seeds seed, seed+1, ...; img2img/inpaint carry their decoded (RGB)
+    input image and, for inpaint, an "L" mask (white = repaint) of the same size.
+    """
 
     prompt: str
     model: str
@@ -40,15 +65,43 @@ class GenerationRequest:
     steps: int = 20
     guidance: float = 7.0
     seed: int = field(default_factory=new_seed)
+    mode: Mode = "txt2img"
+    scheduler: str = DEFAULT_SCHEDULER
+    count: int = 1
+    strength: float = 0.75
+    loras: tuple[LoraSpec, ...] = ()
+    # Images are compared by identity only: requests are hashed/compared for batching by key.
+    init_image: Image.Image | None = field(default=None, compare=False, repr=False)
+    mask_image: Image.Image | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_inputs(self)
 
+    @property
+    def seeds(self) -> list[int]:
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.count)]
+
     def with_seed(self, seed: int) -> GenerationRequest:
         return replace(self, seed=seed)
 
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one pipeline call (one generator per image)."""
+        strength = self.strength if self.mode != "txt2img" else None
+        return (
+            self.model,
+            self.mode,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.scheduler,
+            strength,
+            self.loras,
+        )
+
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-safe parameters for the job row (images are not stored here)."""
+        out: dict[str, Any] = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "model": self.model,
@@ -57,7 +110,14 @@ class GenerationRequest:
             "steps": self.steps,
             "guidance": self.guidance,
             "seed": self.seed,
+            "mode": self.mode,
+            "scheduler": self.scheduler,
+            "count": self.count,
+            "loras": [[lora.name, lora.weight] for lora in self.loras],
         }
+        if self.mode != "txt2img":
+            out["strength"] = self.strength
+        return out
 
 
 def check_inputs(req: GenerationRequest) -> None:
@@ -98,3 +158,33 @@ def check_inputs(req: GenerationRequest) -> None:
         )
     if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= MAX_SEED:
         raise InvalidRequest(f"seed {req.seed!r} is out of range; use 0 to {MAX_SEED}.")
+    if req.mode not in MODES:
+        raise InvalidRequest(f"mode {req.mode!r} is unknown; use one of {', '.join(MODES)}.")
+    if (
+        isinstance(req.count, bool)
+        or not isinstance(req.count, int)
+        or not 1 <= req.count <= MAX_COUNT
+    ):
+        raise InvalidRequest(f"count {req.count!r} is out of range; use 1 to {MAX_COUNT}.")
+    if not isinstance(req.scheduler, str) or not req.scheduler:
+        raise InvalidRequest("No scheduler was given.")
+    if req.mode != "txt2img":
+        if not isinstance(req.strength, (int, float)) or isinstance(req.strength, bool):
+            raise InvalidRequest(f"strength must be a number, got {req.strength!r}.")
+        if not math.isfinite(req.strength) or not MIN_STRENGTH <= req.strength <= MAX_STRENGTH:
+            raise InvalidRequest(
+                f"strength {req.strength} is out of range; "
+                f"use {MIN_STRENGTH:g} to {MAX_STRENGTH:g}."
+            )
+        if req.init_image is None:
+            raise InvalidRequest(f"{req.mode} needs an input image.")
+    if req.mode == "inpaint" and req.mask_image is None:
+        raise InvalidRequest("inpaint needs a mask (or an image with transparent areas).")
+    if len(req.loras) > MAX_LORAS:
+        raise InvalidRequest(f"{len(req.loras)} LoRAs were given; the limit is {MAX_LORAS}.")
+    for lora in req.loras:
+        if not math.isfinite(lora.weight) or not MIN_LORA_WEIGHT <= lora.weight <= MAX_LORA_WEIGHT:
+            raise InvalidRequest(
+                f"LoRA weight {lora.weight} for {lora.name!r} is out of range; "
+                f"use {MIN_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}."
+            )
