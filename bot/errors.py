@@ -38,6 +38,12 @@ class GenerationFailed(SdbotError):
     reason = "generation"
 
 
+class GpuOutOfMemory(GenerationFailed):
+    """The GPU ran out of memory; the executor may retry with a smaller batch."""
+
+    reason = "out_of_memory"
+
+
 class JobCancelled(SdbotError):
     """The job was cancelled by its owner or an admin, or by shutdown."""
 

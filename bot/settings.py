@@ -36,7 +36,15 @@ class Settings(BaseSettings):
     default_model: str = "builtin:tiny"
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    models_file: Path | None = None  # None: the catalog shipped with sdbot
+    lora_dir: Path = Path("data/loras")
     queue_limit: int = Field(default=50, ge=1, le=10_000)
+    user_queue_limit: int = Field(default=5, ge=1, le=1000)
+    max_batch: int = Field(default=4, ge=1, le=64)
+    max_loaded_models: int = Field(default=1, ge=1, le=16)
+    preview_every: int = Field(default=5, ge=0, le=1000)  # steps between previews; 0 = none
+    max_attachment_mb: float = Field(default=10.0, gt=0, le=500)
+    max_attachment_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     playground_host: str = "127.0.0.1"
     playground_port: int = Field(default=8765, ge=0, le=65535)
