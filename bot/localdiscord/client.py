@@ -76,14 +76,69 @@ class ControlClient:
         return await self._call("POST", "/_control/interactions", body)  # type: ignore[no-any-return]
 
     async def click(
-        self, message_id: int | str, custom_id: str, *, user_id: int | None = None
+        self,
+        message_id: int | str,
+        custom_id: str,
+        *,
+        user_id: int | None = None,
+        validate: bool = True,
     ) -> dict[str, Any]:
+        """Click a button. validate=False sends ids the message does not have (a forged click)."""
         body = {
             "message_id": str(message_id),
             "custom_id": custom_id,
             "user_id": str(user_id or await self.member_id()),
+            "validate": validate,
         }
         return await self._call("POST", "/_control/components", body)  # type: ignore[no-any-return]
+
+    async def context_menu(
+        self, name: str, message_id: int | str, *, user_id: int | None = None
+    ) -> dict[str, Any]:
+        body = {
+            "name": name,
+            "message_id": str(message_id),
+            "user_id": str(user_id or await self.member_id()),
+        }
+        return await self._call("POST", "/_control/context_menu", body)  # type: ignore[no-any-return]
+
+    async def submit_modal(
+        self, interaction_id: int | str, values: dict[str, str]
+    ) -> dict[str, Any]:
+        body = {"interaction_id": str(interaction_id), "values": values}
+        return await self._call("POST", "/_control/modals", body)  # type: ignore[no-any-return]
+
+    async def autocomplete(
+        self,
+        command: str,
+        focused: str,
+        options: dict[str, Any] | None = None,
+        *,
+        user_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        body = {
+            "command": command,
+            "focused": focused,
+            "options": options or {},
+            "user_id": str(user_id or await self.member_id()),
+        }
+        return (await self._call("POST", "/_control/autocomplete", body))["choices"]  # type: ignore[no-any-return]
+
+    async def post_message(
+        self,
+        content: str = "",
+        attachments: list[dict[str, Any]] | None = None,
+        *,
+        user_id: int | None = None,
+        channel_id: int | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "content": content,
+            "attachment_ids": [a["id"] for a in attachments or []],
+            "user_id": str(user_id or await self.member_id()),
+            "channel_id": str(channel_id or await self.default_channel()),
+        }
+        return await self._call("POST", "/_control/messages", body)  # type: ignore[no-any-return]
 
     async def interaction(self, interaction_id: int | str) -> dict[str, Any]:
         return await self._call("GET", f"/_control/interactions/{interaction_id}")  # type: ignore[no-any-return]

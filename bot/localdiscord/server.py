@@ -134,6 +134,10 @@ class LocalDiscord:
         r.add_post("/_control/attachments", self.c_upload)
         r.add_post("/_control/interactions", self.c_slash)
         r.add_post("/_control/components", self.c_component)
+        r.add_post("/_control/context_menu", self.c_context_menu)
+        r.add_post("/_control/modals", self.c_modal_submit)
+        r.add_post("/_control/autocomplete", self.c_autocomplete)
+        r.add_post("/_control/messages", self.c_user_message)
         r.add_get("/_control/interactions/{id}", self.c_interaction)
         r.add_post("/_control/interactions/{id}/expire", self.c_expire)
         r.add_get("/_control/channels/{cid}/messages", self.c_messages)
@@ -369,8 +373,10 @@ class LocalDiscord:
             inter.original_message_id = int(source["id"])
             if ctype == 7:
                 message = world.edit_message(int(source["id"]), data, files)
-        elif ctype in (8, 9):
-            pass
+        elif ctype == 8:
+            inter.autocomplete_choices = list(data.get("choices") or [])
+        elif ctype == 9:
+            inter.modal = data
         else:
             raise ApiError(400, f"Invalid interaction response type {ctype}", 50035)
         future = self._pending.pop(inter.id, None)
@@ -551,16 +557,95 @@ class LocalDiscord:
         body = await request.json()
         user = self.world.user(int(body.get("user_id") or self.world.member.id))
         message = self.world.message(int(body["message_id"]))
-        data = {
-            "custom_id": str(body["custom_id"]),
-            "component_type": int(body.get("component_type", 2)),
-        }
+        custom_id = str(body["custom_id"])
+        if body.get("validate", True):
+            # Discord only sends clicks for components the message really has, and not disabled.
+            found = [
+                c
+                for row in message.get("components") or []
+                for c in row.get("components") or []
+                if c.get("custom_id") == custom_id
+            ]
+            if not found:
+                raise ApiError(400, f"The message has no component {custom_id!r}", 50035)
+            if found[0].get("disabled"):
+                raise ApiError(400, "That component is disabled", 50035)
+        data = {"custom_id": custom_id, "component_type": int(body.get("component_type", 2))}
         if "values" in body:
             data["values"] = body["values"]
         inter = self.world.new_interaction(
             3, user, int(message["channel_id"]), data, message=message
         )
         return await self._deliver(inter, bool(body.get("wait", True)))
+
+    async def c_context_menu(self, request: web.Request) -> web.Response:
+        """Right-click a message -> Apps -> `name` (a message command)."""
+        body = await request.json()
+        user = self.world.user(int(body.get("user_id") or self.world.member.id))
+        message = self.world.message(int(body["message_id"]))
+        cmd = self.world.find_command(str(body["name"]), 3)
+        data = {
+            "id": cmd["id"],
+            "name": cmd["name"],
+            "type": 3,
+            "target_id": message["id"],
+            "resolved": {"messages": {message["id"]: public(message)}},
+        }
+        inter = self.world.new_interaction(2, user, int(message["channel_id"]), data)
+        return await self._deliver(inter, bool(body.get("wait", True)))
+
+    async def c_modal_submit(self, request: web.Request) -> web.Response:
+        """Fill in and submit the modal that interaction `interaction_id` opened."""
+        body = await request.json()
+        opener = self.world.interactions.get(int(body["interaction_id"]))
+        if opener is None or opener.modal is None:
+            raise ApiError(400, "That interaction did not open a modal", 50035)
+        values = dict(body.get("values") or {})
+        rows = []
+        for row in opener.modal.get("components") or []:
+            for comp in row.get("components") or []:
+                cid = comp.get("custom_id")
+                value = str(values.get(cid, comp.get("value") or ""))
+                if comp.get("required", True) and not value:
+                    raise ApiError(
+                        400, f"{comp.get('label') or cid}: this field is required", 50035
+                    )
+                if "max_length" in comp and len(value) > int(comp["max_length"]):
+                    raise ApiError(400, f"{comp.get('label') or cid}: too long", 50035)
+                rows.append(
+                    {"type": 1, "components": [{"type": 4, "custom_id": cid, "value": value}]}
+                )
+        data = {"custom_id": opener.modal["custom_id"], "components": rows}
+        message = opener.payload.get("message")
+        user = self.world.user(opener.user_id)
+        inter = self.world.new_interaction(5, user, opener.channel_id, data, message=message)
+        return await self._deliver(inter, bool(body.get("wait", True)))
+
+    async def c_autocomplete(self, request: web.Request) -> web.Response:
+        """Typing in an option with autocomplete: returns the bot's suggestions."""
+        body = await request.json()
+        user, channel_id = self._user_and_channel(body)
+        focused = str(body["focused"])
+        options = dict(body.get("options") or {})
+        options.setdefault(focused, "")
+        data = command_data(self.world, str(body["command"]), options, validate=False)
+        for opt in _leaf_options(data):
+            if opt["name"] == focused:
+                opt["focused"] = True
+                opt["value"] = str(opt["value"])
+        inter = self.world.new_interaction(4, user, channel_id, data)
+        await self._deliver(inter, True)
+        return _json({"choices": inter.autocomplete_choices or []})
+
+    async def c_user_message(self, request: web.Request) -> web.Response:
+        """A user posts a message, optionally with attachments uploaded before."""
+        body = await request.json()
+        user, channel_id = self._user_and_channel(body)
+        files = [self.world.attachments[int(a)] for a in body.get("attachment_ids") or []]
+        msg = self.world.create_message(
+            channel_id, user, {"content": body.get("content", "")}, files
+        )
+        return _json(public(msg))
 
     async def c_interaction(self, request: web.Request) -> web.Response:
         inter = self.world.interactions.get(int(request.match_info["id"]))
@@ -602,6 +687,13 @@ class LocalDiscord:
 
     async def playground_page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "playground.html")
+
+
+def _leaf_options(data: dict[str, Any]) -> list[dict[str, Any]]:
+    options = data.get("options") or []
+    while options and options[0].get("type") in (1, 2):
+        options = options[0].get("options") or []
+    return list(options)
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -127,6 +127,9 @@ class Interaction:
     original_message_id: int | None = None
     expired: bool = False
     followup_ids: list[int] = field(default_factory=list)
+    #: What the bot answered: a modal it opened, or autocomplete suggestions.
+    modal: dict[str, Any] | None = None
+    autocomplete_choices: list[dict[str, Any]] | None = None
 
     def token_valid(self) -> bool:
         return not self.expired and time.monotonic() - self.created < TOKEN_LIFETIME_S
@@ -139,6 +142,7 @@ class Interaction:
             "callback_after_s": self.callback_after_s,
             "original_message_id": _str_or_none(self.original_message_id),
             "followup_ids": [str(i) for i in self.followup_ids],
+            "modal": self.modal,
             "expired": not self.token_valid(),
         }
 
