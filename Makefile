@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The same pin gives the CPU build here and a CUDA build on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test lint setup clean
+.PHONY: run test lint setup clean browser
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ run: setup
 	$(BIN)/sdbot
 
 ## Set up, then lint, type-check and run the whole test suite.
-test: setup lint
+test: setup lint browser
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium and ChromeDriver for the browser test of the playground page.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: install chromium and chromium-driver to run the browser test"; fi
 
 lint: setup
 	$(BIN)/ruff check bot cogs tests $(wildcard bench)

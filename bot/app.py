@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -14,14 +15,32 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from bot.catalog import Catalog
 from bot.db import Database
 from bot.errors import SdbotError, SettingsError
 from bot.executor import GpuExecutor
+from bot.guild_config import GuildConfigs
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine",)
+EXTENSIONS = (
+    "cogs.generate",
+    "cogs.context_menus",
+    "cogs.buttons",
+    "cogs.info",
+    "cogs.admin",
+)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a command uses for options the member left empty."""
+
+    model: str
+    steps: int = 20
+    guidance: float = 7.0
+    scheduler: str = "default"
 
 
 DISCORD_API = "https://discord.com/api/v10"
@@ -61,6 +80,7 @@ class SdBot(commands.Bot):
         settings: Settings,
         db: Database,
         executor: GpuExecutor,
+        catalog: Catalog,
         sync: bool = False,
         **options: Any,
     ) -> None:
@@ -74,10 +94,15 @@ class SdBot(commands.Bot):
         self.settings = settings
         self.db = db
         self.executor = executor
+        self.catalog = catalog
+        self.guild_configs = GuildConfigs(db)
         self.force_sync = sync
+        self.http_session: aiohttp.ClientSession = None  # type: ignore[assignment]  # setup_hook
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
+        # For downloading attachments and earlier results; bounded so a slow CDN cannot wedge us.
+        self.http_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
@@ -95,6 +120,25 @@ class SdBot(commands.Bot):
         log.info("synced %d application commands", len(synced))
         return True
 
+    async def close(self) -> None:
+        await super().close()
+        if self.http_session is not None:
+            await self.http_session.close()
+
+    async def defaults_for(self, guild_id: int | None) -> Defaults:
+        config = await self.guild_configs.get(guild_id)
+        return Defaults(
+            model=config.default_model or self.settings.default_model,
+            steps=config.default_steps,
+            guidance=config.default_guidance,
+            scheduler=config.default_scheduler,
+        )
+
+    async def allowed_models(self, guild_id: int | None) -> list[str]:
+        config = await self.guild_configs.get(guild_id)
+        names = self.catalog.names()
+        return [n for n in names if n in config.allowed_models] if config.allowed_models else names
+
     async def on_ready(self) -> None:
         log.info(
             "connected as %s (%s) to %d guild(s)", self.user, self.application_id, len(self.guilds)
@@ -103,23 +147,27 @@ class SdBot(commands.Bot):
     async def on_app_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
-        """The one place errors become replies: domain errors verbatim, the rest as a short note."""
-        original = getattr(error, "original", error)
-        if isinstance(original, SdbotError):
-            message = original.message
-            log.info(
-                "refused /%s for %s: %s", _command_name(interaction), interaction.user.id, message
-            )
+        await self.report(interaction, getattr(error, "original", error))
+
+    async def report(self, interaction: discord.Interaction, error: BaseException) -> None:
+        """The one place errors become replies: domain errors verbatim, the rest as a short note.
+
+        Used by the command tree, buttons and modals alike; the user never sees a traceback.
+        """
+        where = _command_name(interaction)
+        if isinstance(error, SdbotError):
+            message = error.message
+            log.info("refused %s for %s: %s", where, interaction.user.id, message)
         elif isinstance(error, app_commands.CheckFailure):
             message = str(error) or "You can't use this command here."
         elif isinstance(error, app_commands.TransformerError):
             message = f"That value isn't valid: {error.value!r}."
         else:
             log.error(
-                "unexpected error in /%s (interaction %s):\n%s",
-                _command_name(interaction),
+                "unexpected error in %s (interaction %s):\n%s",
+                where,
                 interaction.id,
-                "".join(traceback.format_exception(original)),
+                "".join(traceback.format_exception(error)),
             )
             message = (
                 f"Something went wrong on our side (ref `{interaction.id}`). It has been logged."
@@ -128,7 +176,10 @@ class SdBot(commands.Bot):
 
 
 def _command_name(interaction: discord.Interaction) -> str:
-    return interaction.command.qualified_name if interaction.command else "?"
+    if interaction.command is not None:
+        return f"/{interaction.command.qualified_name}"
+    data: Any = interaction.data or {}
+    return f"component {data.get('custom_id', '?')}"
 
 
 async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from bot.errors import SdbotError
 from bot.settings import Settings, load_settings
@@ -22,11 +23,42 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="connect to Discord (needs DISCORD_TOKEN)")
     run.add_argument("--sync", action="store_true", help="sync slash commands even if unchanged")
     sub.add_parser("playground", help="local Discord-like page with the bot and the tiny model")
-    gen = sub.add_parser("generate", help="make one image from the shell")
+    gen = sub.add_parser(
+        "generate",
+        help="make images from the shell, through the same engine as the bot",
+        description="Generate images with the bot's engine and model catalog. With --count N "
+        "above 1, FILE is the grid of all images and FILE-1.png .. FILE-N.png hold each image; "
+        "every PNG carries its parameters (A1111 format).",
+    )
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    gen.add_argument("--negative", default="")
-    gen.add_argument("--model", default=None, help="model source (default: SDBOT_DEFAULT_MODEL)")
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument(
+        "--model", default=None, help="catalog name or source (default: SDBOT_DEFAULT_MODEL)"
+    )
+    gen.add_argument(
+        "--mode",
+        choices=("txt2img", "img2img", "inpaint"),
+        default=None,
+        help="default: inpaint with --mask, img2img with --image, else txt2img",
+    )
+    gen.add_argument("--image", type=Path, default=None, help="input image (img2img, inpaint)")
+    gen.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        help="inpaint mask, white = repaint (default: the image's transparent pixels)",
+    )
+    gen.add_argument("--strength", type=float, default=0.75, help="img2img/inpaint (0.05-1)")
+    gen.add_argument("--scheduler", default="default", help="sampler by A1111 name, e.g. 'Euler a'")
+    gen.add_argument("--count", type=int, default=1, help="images, seeds seed..seed+N-1 (1-4)")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME[:WEIGHT]",
+        help="LoRA from SDBOT_LORA_DIR (repeatable; weight 1 by default)",
+    )
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--steps", type=int, default=20)
@@ -34,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     tiny = sub.add_parser("tiny-model", help="write the tiny random-weight test model to DIR")
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--inpainting", action="store_true", help="the 9-channel inpainting variant")
+    tiny.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write it as one original-layout .safetensors checkpoint (+ FILE.config/)",
+    )
     return p
 
 
@@ -47,41 +87,132 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def _generate(settings: Settings, args: argparse.Namespace) -> None:
+    from bot import imaging
+    from bot.catalog import Catalog
     from bot.engine import Engine
-    from bot.imaging import encode_png, format_parameters, sampler_name
-    from bot.jobs import GenerationRequest
-    from bot.models import native_size
+    from bot.errors import InvalidRequest
+    from bot.jobs import GenerationRequest, LoraSpec, snap_to_8
 
-    model = args.model or settings.default_model
-    size = native_size(model)
-    extra = {} if args.seed is None else {"seed": args.seed}
-    req = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        model=model,
-        width=args.width or size,
-        height=args.height or size,
-        steps=args.steps,
-        guidance=args.guidance,
-        **extra,
+    catalog = Catalog.load(settings.models_file, settings.lora_dir)
+    entry = catalog.resolve(args.model or settings.default_model)
+    mode = args.mode or ("inpaint" if args.mask else "img2img" if args.image else "txt2img")
+    given: dict[str, object] = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "model": entry.name,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "mode": mode,
+        "scheduler": args.scheduler,
+        "count": args.count,
+        "strength": args.strength,
+        "loras": tuple(_lora_spec(text, LoraSpec) for text in args.lora),
+    }
+    if args.seed is not None:
+        given["seed"] = args.seed
+    width, height = args.width, args.height
+    if mode == "txt2img":
+        if args.image or args.mask:
+            raise InvalidRequest("--image and --mask are for --mode img2img or inpaint.")
+    else:
+        if args.image is None:
+            raise InvalidRequest(f"--mode {mode} needs --image FILE.")
+        max_bytes = int(settings.max_attachment_mb * 1_000_000)
+        max_pixels = settings.max_attachment_pixels
+        picture = imaging.decode_attachment(
+            _read(args.image),
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            what="image",
+            keep_alpha=mode == "inpaint",
+        )
+        if width is None and height is None:
+            width, height = imaging.fit_size(
+                picture.width, picture.height, max_side=entry.native_size
+            )
+        elif width is None or height is None:
+            # One side given: the other follows the picture's aspect ratio.
+            side = width or height or entry.native_size
+            long_side = round(side * max(picture.size) / picture.size[0 if width else 1])
+            width, height = imaging.fit_size(picture.width, picture.height, max_side=long_side)
+        size = (snap_to_8(width), snap_to_8(height))
+        given["init_image"] = picture.convert("RGB").resize(size, imaging.LANCZOS)
+        if mode == "inpaint":
+            mask = None
+            if args.mask is not None:
+                mask = imaging.decode_attachment(
+                    _read(args.mask), max_bytes=max_bytes, max_pixels=max_pixels, what="mask"
+                )
+            given["mask_image"] = imaging.prepare_mask(
+                picture if mask is None else None, mask, size
+            )
+        width, height = size
+    given["width"] = width or entry.native_size
+    given["height"] = height or entry.native_size
+    request = GenerationRequest(**given)  # type: ignore[arg-type]
+
+    engine = Engine(
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.cache_dir,
+        catalog=catalog,
     )
-    engine = Engine(device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
-    pipe = engine.load(model)
-    image = engine.txt2img(req)[0]
-    params = format_parameters(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        steps=req.steps,
-        sampler=sampler_name(type(pipe.scheduler).__name__),
-        guidance=req.guidance,
-        seed=req.seed,
-        width=req.width,
-        height=req.height,
-        model=req.model,
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_bytes(encode_png(image, params))
-    print(f"wrote {args.output} (seed {req.seed})")
+    result = engine.generate([request])[0]
+    texts = [
+        imaging.request_parameters(request, seed=seed, sampler=result.sampler)
+        for seed in result.seeds
+    ]
+    out: Path = args.output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    if len(result.images) == 1:
+        out.write_bytes(imaging.encode_png(result.images[0], texts[0]))
+        written.append(out)
+    else:
+        # A1111 labels a grid with its first image's parameters.
+        out.write_bytes(imaging.encode_png(imaging.make_grid(result.images), texts[0]))
+        written.append(out)
+        for i, (image, text) in enumerate(zip(result.images, texts, strict=True), start=1):
+            path = out.with_name(f"{out.stem}-{i}.png")
+            path.write_bytes(imaging.encode_png(image, text))
+            written.append(path)
+    flagged = [i + 1 for i, nsfw in enumerate(result.nsfw) if nsfw]
+    seeds = ", ".join(str(s) for s in result.seeds)
+    print(f"wrote {', '.join(str(p) for p in written)} (seed {seeds}, {result.sampler})")
+    if flagged:
+        print(f"note: the safety checker flagged image(s) {flagged}", file=sys.stderr)
+
+
+def _lora_spec(text: str, spec: type[Any]) -> Any:
+    from bot.errors import InvalidRequest
+
+    name, sep, weight = text.rpartition(":")
+    if not sep:
+        return spec(text, 1.0)
+    try:
+        return spec(name, float(weight))
+    except ValueError:
+        raise InvalidRequest(f"--lora {text!r}: the weight after ':' must be a number.") from None
+
+
+def _read(path: Path) -> bytes:
+    from bot.errors import InvalidRequest
+
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidRequest(f"Cannot read {path}: {exc.strerror or exc}.") from None
+
+
+def _tiny_model(args: argparse.Namespace) -> None:
+    from bot.tiny_model import write_config_folder, write_single_file, write_tiny_model
+
+    path = write_tiny_model(args.dir, inpainting=args.inpainting)
+    print(f"wrote the tiny model to {path}")
+    if args.checkpoint is not None:
+        checkpoint = write_single_file(path, args.checkpoint)
+        config = write_config_folder(path, checkpoint.with_name(checkpoint.name + ".config"))
+        print(f"wrote the single-file checkpoint {checkpoint} and its config folder {config}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "generate":
             _generate(settings, args)
         elif command == "tiny-model":
-            from bot.tiny_model import write_tiny_model
-
-            path = write_tiny_model(args.dir)
-            print(f"wrote the tiny model to {path}")
+            _tiny_model(args)
     except SdbotError as exc:
         print(f"sdbot: {exc.message}", file=sys.stderr)
         return 2

@@ -67,6 +67,50 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN message_id INTEGER;
     ALTER TABLE jobs ADD COLUMN gpu_seconds REAL;
     """,
+    """
+    CREATE TABLE guild_settings (
+        guild_id INTEGER NOT NULL,
+        key      TEXT NOT NULL,
+        value    TEXT NOT NULL,
+        PRIMARY KEY (guild_id, key)
+    );
+    CREATE TABLE guild_channels (
+        guild_id   INTEGER NOT NULL,
+        channel_id INTEGER NOT NULL,
+        PRIMARY KEY (guild_id, channel_id)
+    );
+    CREATE TABLE blocked_words (
+        guild_id INTEGER NOT NULL,
+        pattern  TEXT NOT NULL,
+        PRIMARY KEY (guild_id, pattern)
+    );
+    CREATE TABLE bans (
+        guild_id  INTEGER NOT NULL,
+        user_id   INTEGER NOT NULL,
+        reason    TEXT NOT NULL DEFAULT '',
+        banned_by INTEGER NOT NULL,
+        banned_at TEXT NOT NULL,
+        PRIMARY KEY (guild_id, user_id)
+    );
+    CREATE TABLE user_quotas (
+        guild_id    INTEGER NOT NULL,
+        user_id     INTEGER NOT NULL,
+        daily_quota INTEGER NOT NULL,
+        PRIMARY KEY (guild_id, user_id)
+    );
+    CREATE TABLE audit_log (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        guild_id INTEGER NOT NULL,
+        user_id  INTEGER NOT NULL,
+        action   TEXT NOT NULL,
+        key      TEXT NOT NULL DEFAULT '',
+        old      TEXT,
+        new      TEXT,
+        at       TEXT NOT NULL
+    );
+    CREATE INDEX audit_guild ON audit_log (guild_id, id);
+    CREATE INDEX jobs_guild_user_time ON jobs (guild_id, user_id, queued_at);
+    """,
 )
 
 
@@ -213,6 +257,17 @@ class Database:
         )
         await self.conn.commit()
 
+    async def merge_params(self, job_id: int, extra: Mapping[str, Any]) -> None:
+        """Add facts to a job's stored parameters (e.g. where its input image came from)."""
+        row = await self.get_job(job_id)
+        if row is None:
+            return
+        params = {**json.loads(row["params"]), **extra}
+        await self.conn.execute(
+            "UPDATE jobs SET params=? WHERE id=?", (json.dumps(params, default=str), job_id)
+        )
+        await self.conn.commit()
+
     async def set_message_id(self, job_id: int, message_id: int) -> None:
         """The Discord message holding a job's result, for buttons and /history links."""
         await self.conn.execute("UPDATE jobs SET message_id=? WHERE id=?", (message_id, job_id))
@@ -263,13 +318,186 @@ class Database:
             return await cur.fetchone()
 
     async def list_jobs(
-        self, *, user_id: int | None = None, limit: int = 50
+        self, *, user_id: int | None = None, guild_id: int | None = None, limit: int = 50
     ) -> list[aiosqlite.Row]:
-        sql = "SELECT * FROM jobs"
-        args: tuple[Any, ...] = ()
+        """Newest first."""
+        clauses: list[str] = []
+        args: list[Any] = []
         if user_id is not None:
-            sql += " WHERE user_id=?"
-            args = (user_id,)
-        sql += " ORDER BY id DESC LIMIT ?"
+            clauses.append("user_id=?")
+            args.append(user_id)
+        if guild_id is not None:
+            clauses.append("guild_id=?")
+            args.append(guild_id)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT * FROM jobs{where} ORDER BY id DESC LIMIT ?"
         async with self.conn.execute(sql, (*args, limit)) as cur:
             return list(await cur.fetchall())
+
+    async def active_jobs(self) -> list[aiosqlite.Row]:
+        """Queued and running jobs, oldest first."""
+        sql = "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY id"
+        async with self.conn.execute(sql) as cur:
+            return list(await cur.fetchall())
+
+    # -- per-guild configuration ----------------------------------------------------------------
+
+    async def guild_settings(self, guild_id: int) -> dict[str, str]:
+        sql = "SELECT key, value FROM guild_settings WHERE guild_id=?"
+        async with self.conn.execute(sql, (guild_id,)) as cur:
+            return {str(k): str(v) for k, v in await cur.fetchall()}
+
+    async def audit(
+        self, guild_id: int, user_id: int, action: str, key: str = "",
+        old: str | None = None, new: str | None = None,
+    ) -> None:  # fmt: skip
+        await self.conn.execute(
+            "INSERT INTO audit_log (guild_id, user_id, action, key, old, new, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (guild_id, user_id, action, key, old, new, utcnow()),
+        )
+
+    async def set_guild_setting(
+        self, guild_id: int, key: str, value: str | None, *, by: int
+    ) -> str | None:
+        """Set (or with None, reset) one setting; audited in the same transaction."""
+        old = (await self.guild_settings(guild_id)).get(key)
+        if value is None:
+            await self.conn.execute(
+                "DELETE FROM guild_settings WHERE guild_id=? AND key=?", (guild_id, key)
+            )
+        else:
+            await self.conn.execute(
+                "INSERT INTO guild_settings (guild_id, key, value) VALUES (?, ?, ?)"
+                " ON CONFLICT(guild_id, key) DO UPDATE SET value=excluded.value",
+                (guild_id, key, value),
+            )
+        await self.audit(guild_id, by, "reset" if value is None else "set", key, old, value)
+        await self.conn.commit()
+        return old
+
+    async def list_values(self, table: str, column: str, guild_id: int) -> list[Any]:
+        assert (table, column) in _LIST_TABLES, table
+        sql = f"SELECT {column} FROM {table} WHERE guild_id=? ORDER BY {column}"
+        async with self.conn.execute(sql, (guild_id,)) as cur:
+            return [row[0] for row in await cur.fetchall()]
+
+    async def add_value(
+        self, table: str, column: str, guild_id: int, value: Any, *, by: int
+    ) -> bool:
+        assert (table, column) in _LIST_TABLES, table
+        cur = await self.conn.execute(
+            f"INSERT OR IGNORE INTO {table} (guild_id, {column}) VALUES (?, ?)", (guild_id, value)
+        )
+        if cur.rowcount:
+            await self.audit(guild_id, by, f"add:{table}", column, None, str(value))
+        await self.conn.commit()
+        return bool(cur.rowcount)
+
+    async def remove_value(
+        self, table: str, column: str, guild_id: int, value: Any, *, by: int
+    ) -> bool:
+        assert (table, column) in _LIST_TABLES, table
+        cur = await self.conn.execute(
+            f"DELETE FROM {table} WHERE guild_id=? AND {column}=?", (guild_id, value)
+        )
+        if cur.rowcount:
+            await self.audit(guild_id, by, f"remove:{table}", column, str(value), None)
+        await self.conn.commit()
+        return bool(cur.rowcount)
+
+    async def ban(self, guild_id: int, user_id: int, reason: str, *, by: int) -> None:
+        await self.conn.execute(
+            "INSERT INTO bans (guild_id, user_id, reason, banned_by, banned_at)"
+            " VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(guild_id, user_id) DO UPDATE SET reason=excluded.reason",
+            (guild_id, user_id, reason, by, utcnow()),
+        )
+        await self.audit(guild_id, by, "ban", str(user_id), None, reason)
+        await self.conn.commit()
+
+    async def unban(self, guild_id: int, user_id: int, *, by: int) -> bool:
+        cur = await self.conn.execute(
+            "DELETE FROM bans WHERE guild_id=? AND user_id=?", (guild_id, user_id)
+        )
+        if cur.rowcount:
+            await self.audit(guild_id, by, "unban", str(user_id))
+        await self.conn.commit()
+        return bool(cur.rowcount)
+
+    async def ban_reason(self, guild_id: int, user_id: int) -> str | None:
+        sql = "SELECT reason FROM bans WHERE guild_id=? AND user_id=?"
+        async with self.conn.execute(sql, (guild_id, user_id)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_user_quota(
+        self, guild_id: int, user_id: int, quota: int | None, *, by: int
+    ) -> None:
+        if quota is None:
+            await self.conn.execute(
+                "DELETE FROM user_quotas WHERE guild_id=? AND user_id=?", (guild_id, user_id)
+            )
+        else:
+            await self.conn.execute(
+                "INSERT INTO user_quotas (guild_id, user_id, daily_quota) VALUES (?, ?, ?)"
+                " ON CONFLICT(guild_id, user_id) DO UPDATE SET daily_quota=excluded.daily_quota",
+                (guild_id, user_id, quota),
+            )
+        await self.audit(
+            guild_id, by, "quota", str(user_id), None, None if quota is None else str(quota)
+        )
+        await self.conn.commit()
+
+    async def user_quota(self, guild_id: int, user_id: int) -> int | None:
+        sql = "SELECT daily_quota FROM user_quotas WHERE guild_id=? AND user_id=?"
+        async with self.conn.execute(sql, (guild_id, user_id)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else int(row[0])
+
+    async def audit_entries(self, guild_id: int, limit: int = 10) -> list[aiosqlite.Row]:
+        sql = "SELECT * FROM audit_log WHERE guild_id=? ORDER BY id DESC LIMIT ?"
+        async with self.conn.execute(sql, (guild_id, limit)) as cur:
+            return list(await cur.fetchall())
+
+    # -- usage --------------------------------------------------------------------------------
+
+    async def usage_since(
+        self, guild_id: int, user_id: int, since: str
+    ) -> tuple[int, float, str | None]:
+        """(images, GPU seconds, time of the latest accepted job) of a user since `since`."""
+        sql = """SELECT COALESCE(SUM(CASE WHEN status='finished' THEN count ELSE 0 END), 0),
+                        COALESCE(SUM(gpu_seconds), 0),
+                        (SELECT MAX(queued_at) FROM jobs WHERE guild_id=? AND user_id=?
+                           AND status NOT IN ('rejected'))
+                 FROM jobs WHERE guild_id=? AND user_id=? AND queued_at >= ?
+                   AND status IN ('queued', 'running', 'finished')"""
+        async with self.conn.execute(sql, (guild_id, user_id, guild_id, user_id, since)) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), float(row[1]), row[2]
+
+    async def pending_images(self, guild_id: int, user_id: int) -> int:
+        sql = """SELECT COALESCE(SUM(count), 0) FROM jobs
+                 WHERE guild_id=? AND user_id=? AND status IN ('queued', 'running')"""
+        async with self.conn.execute(sql, (guild_id, user_id)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def stats_rows(self, guild_id: int, since: str) -> list[aiosqlite.Row]:
+        sql = """SELECT substr(queued_at, 1, 10) AS day, mode, status, user_id, user_name, model,
+                        count, gpu_seconds FROM jobs WHERE guild_id=? AND queued_at >= ?"""
+        async with self.conn.execute(sql, (guild_id, since)) as cur:
+            return list(await cur.fetchall())
+
+    async def prune(self, before: str) -> int:
+        """Retention: drop finished-with rows older than `before`."""
+        cur = await self.conn.execute(
+            "DELETE FROM jobs WHERE queued_at < ? AND status NOT IN ('queued', 'running')",
+            (before,),
+        )
+        await self.conn.commit()
+        return cur.rowcount
+
+
+_LIST_TABLES = {("guild_channels", "channel_id"), ("blocked_words", "pattern")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -10,6 +11,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from bot.errors import InvalidRequest
+from bot.schedulers import canonical_name
 
 MIN_SIZE = 64
 MAX_SIZE = 1024
@@ -39,6 +41,8 @@ DEFAULT_SCHEDULER = "default"  # the model's own scheduler
 MAX_LORAS = 4
 MIN_LORA_WEIGHT = -2.0
 MAX_LORA_WEIGHT = 2.0
+# A LoRA name is a file stem in the LoRA folder: no separators, so it can never name a path.
+_LORA_NAME = re.compile(r"^[^/\\\x00]{1,100}$")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         check_inputs(self)
+        # One spelling per sampler, so "euler a" and "Euler a" share a batch_key().
+        object.__setattr__(self, "scheduler", canonical_name(self.scheduler))
 
     @property
     def seeds(self) -> list[int]:
@@ -168,6 +174,7 @@ def check_inputs(req: GenerationRequest) -> None:
         raise InvalidRequest(f"count {req.count!r} is out of range; use 1 to {MAX_COUNT}.")
     if not isinstance(req.scheduler, str) or not req.scheduler:
         raise InvalidRequest("No scheduler was given.")
+    canonical_name(req.scheduler)  # raises naming the allowed samplers
     if req.mode != "txt2img":
         if not isinstance(req.strength, (int, float)) or isinstance(req.strength, bool):
             raise InvalidRequest(f"strength must be a number, got {req.strength!r}.")
@@ -176,13 +183,40 @@ def check_inputs(req: GenerationRequest) -> None:
                 f"strength {req.strength} is out of range; "
                 f"use {MIN_STRENGTH:g} to {MAX_STRENGTH:g}."
             )
-        if req.init_image is None:
+        if int(req.steps * req.strength) < 1:
+            # diffusers runs int(steps * strength) steps; zero would be a no-op image.
+            raise InvalidRequest(
+                f"strength {req.strength:g} with {req.steps} steps leaves no denoising step; "
+                f"use at least {math.ceil(1 / req.strength)} steps or a higher strength."
+            )
+        if not isinstance(req.init_image, Image.Image):
             raise InvalidRequest(f"{req.mode} needs an input image.")
-    if req.mode == "inpaint" and req.mask_image is None:
-        raise InvalidRequest("inpaint needs a mask (or an image with transparent areas).")
+    if req.mode == "inpaint":
+        if not isinstance(req.mask_image, Image.Image):
+            raise InvalidRequest("inpaint needs a mask (or an image with transparent areas).")
+        assert req.init_image is not None
+        if req.mask_image.size != req.init_image.size:
+            raise InvalidRequest(
+                f"The mask is {req.mask_image.width}x{req.mask_image.height} but the image is "
+                f"{req.init_image.width}x{req.init_image.height}; they must be the same size."
+            )
+    if not isinstance(req.loras, tuple):
+        raise InvalidRequest("loras must be a tuple of LoraSpec.")
     if len(req.loras) > MAX_LORAS:
         raise InvalidRequest(f"{len(req.loras)} LoRAs were given; the limit is {MAX_LORAS}.")
     for lora in req.loras:
+        if not isinstance(lora, LoraSpec):
+            raise InvalidRequest(f"LoRA {lora!r} is not a LoRA choice.")
+    names = [lora.name for lora in req.loras]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("The same LoRA was given twice; give each LoRA once, with one weight.")
+    for lora in req.loras:
+        if not isinstance(lora.name, str) or not _LORA_NAME.match(lora.name):
+            raise InvalidRequest(
+                f"LoRA name {lora.name!r} is not valid; use the name of a LoRA in the list."
+            )
+        if isinstance(lora.weight, bool) or not isinstance(lora.weight, (int, float)):
+            raise InvalidRequest(f"LoRA weight for {lora.name!r} must be a number.")
         if not math.isfinite(lora.weight) or not MIN_LORA_WEIGHT <= lora.weight <= MAX_LORA_WEIGHT:
             raise InvalidRequest(
                 f"LoRA weight {lora.weight} for {lora.name!r} is out of range; "

@@ -1,31 +1,40 @@
-"""Facts about a model source that the front end needs without loading any weights."""
+"""Facts about a model that the front end needs without loading any weights.
+
+Kept for callers that only have a model name or source; new code should ask the bot's
+`Catalog` (`catalog.resolve(model).native_size`), which knows the owner's models.toml.
+"""
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
-BUILTIN_TINY = "builtin:tiny"
-TINY_NATIVE_SIZE = 64
-DEFAULT_NATIVE_SIZE = 512
+from bot.catalog import (
+    BUILTIN_TINY,
+    DEFAULT_NATIVE_SIZE,
+    TINY_NATIVE_SIZE,
+    Catalog,
+    probe_native_size,
+)
+from bot.errors import InvalidRequest
+
+__all__ = ["BUILTIN_TINY", "DEFAULT_NATIVE_SIZE", "TINY_NATIVE_SIZE", "native_size"]
+
+
+@lru_cache(maxsize=1)
+def _shipped() -> Catalog:
+    # The LoRA folder plays no part in native sizes; any path will do.
+    return Catalog.load(None, Path("data/loras"))
 
 
 @lru_cache(maxsize=64)
-def native_size(source: str) -> int:
-    """The square size a model was trained at: the default when a user gives none.
+def native_size(source: str, catalog: Catalog | None = None) -> int:
+    """The square size a model (catalog name or source) was trained at: the default size.
 
-    Read from the diffusers config files when the source is a local folder (cheap, no weights);
-    SD 1.x's 512 otherwise.
+    Looked up in `catalog` (default: the shipped one); for a source that is not in it, read
+    from a local folder's config files, else SD 1.x's 512.
     """
-    if source == BUILTIN_TINY:
-        return TINY_NATIVE_SIZE
-    folder = Path(source).expanduser()
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-        size = unet["sample_size"]
-        return int(size if isinstance(size, int) else size[0]) * scale
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_NATIVE_SIZE
+        return (catalog or _shipped()).resolve(source).native_size
+    except InvalidRequest:
+        return probe_native_size(source)

@@ -7,9 +7,11 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from bot.app import SdBot, configure_api_base
+from bot.catalog import Catalog
 from bot.db import Database
 from bot.executor import GpuExecutor
 from bot.settings import Settings
@@ -25,25 +27,58 @@ async def bot_resources(
     settings: Settings, *, sync: bool = False, engine: Engine | None = None, **bot_options: Any
 ) -> AsyncIterator[SdBot]:
     """Open everything the bot needs, in order, and close it in reverse even on errors."""
+    catalog = Catalog.load(settings.models_file, settings.lora_dir)
     db = await Database.open(settings.db_path)
     try:
         stale = await db.interrupt_unfinished()
         if stale:
             log.warning("%d job(s) from a previous run were marked interrupted", stale)
-        if engine is None:
-            from bot.engine import Engine  # torch/diffusers take seconds to import
-
-            engine = Engine(
-                device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir
+        if settings.retention_days:
+            cutoff = datetime.now(UTC) - timedelta(days=settings.retention_days)
+            pruned = await db.prune(
+                cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
             )
-        executor = GpuExecutor(engine, db, queue_limit=settings.queue_limit)
+            log.info(
+                "retention: pruned %d job row(s) older than %d days",
+                pruned,
+                settings.retention_days,
+            )
+        executor = GpuExecutor(
+            engine or _make_engine(settings, catalog),
+            db,
+            queue_limit=settings.queue_limit,
+            user_queue_limit=settings.user_queue_limit,
+            max_batch=settings.max_batch,
+            preview_every=settings.preview_every,
+        )
+        # Model loads happen on the GPU thread; the recorder carries them to SQLite.
+        executor.engine.on_load = executor.load_recorder()
         await executor.start()
         try:
-            yield SdBot(settings=settings, db=db, executor=executor, sync=sync, **bot_options)
+            yield SdBot(
+                settings=settings,
+                db=db,
+                executor=executor,
+                catalog=catalog,
+                sync=sync,
+                **bot_options,
+            )
         finally:
             await executor.close()
     finally:
         await db.close()
+
+
+def _make_engine(settings: Settings, catalog: Catalog) -> Engine:
+    from bot.engine import Engine  # torch/diffusers take seconds to import: only when serving
+
+    return Engine(
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.cache_dir,
+        catalog=catalog,
+        max_loaded=settings.max_loaded_models,
+    )
 
 
 def _close_on_signals(bot: SdBot) -> None:

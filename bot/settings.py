@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     preview_every: int = Field(default=5, ge=0, le=1000)  # steps between previews; 0 = none
     max_attachment_mb: float = Field(default=10.0, gt=0, le=500)
     max_attachment_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    allow_dms: bool = False
+    retention_days: int = Field(default=0, ge=0, le=36_500)  # 0 = keep job rows forever
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     playground_host: str = "127.0.0.1"
     playground_port: int = Field(default=8765, ge=0, le=65535)

@@ -67,3 +67,41 @@ async def test_meta_round_trip(tmp_path: Path) -> None:
         await db.set_meta("k", "1")
         await db.set_meta("k", "2")
         assert await db.get_meta("k") == "2"
+
+
+@pytest.mark.parametrize("start", range(1, len(MIGRATIONS)))
+async def test_migrating_from_every_earlier_version_keeps_the_rows(
+    tmp_path: Path, start: int
+) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for version in range(start):
+        conn.executescript(MIGRATIONS[version])
+    conn.execute(f"PRAGMA user_version = {start}")
+    conn.execute(
+        "INSERT INTO jobs (user_id, command, prompt, status, queued_at)"
+        " VALUES (1, 'imagine', 'old', 'finished', 'x')"
+    )
+    conn.commit()
+    conn.close()
+    async with await Database.open(path) as db:
+        assert await db.schema_version() == len(MIGRATIONS)
+        [row] = await db.list_jobs()
+        assert row["prompt"] == "old" and row["status"] == "finished"
+        # The newest tables exist and work.
+        await db.ban(5, 6, "r", by=1)
+        assert await db.ban_reason(5, 6) == "r"
+
+
+async def test_usage_and_quota_queries(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "x.db") as db:
+        origin = JobOrigin(user_id=7, user_name="u", guild_id=9, channel_id=3, command="imagine")
+        done = await db.create_job(origin, {"prompt": "a", "count": 3})
+        await db.mark_running(done)
+        await db.mark_done(done, "finished", gpu_seconds=2.5)
+        await db.create_job(origin, {"prompt": "b", "count": 2})  # still queued
+        await db.record_rejected(origin, {"prompt": "c", "count": 4}, "quota", "no")
+        images, gpu, last = await db.usage_since(9, 7, "2000-01-01")
+        assert (images, gpu) == (3, 2.5) and last is not None
+        assert await db.pending_images(9, 7) == 2
+        assert await db.usage_since(9, 8, "2000-01-01") == (0, 0.0, None)

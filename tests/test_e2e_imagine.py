@@ -38,7 +38,9 @@ async def result_for(
 ) -> dict[str, Any]:
     """The public message carrying the PNG for one interaction."""
     return await control.wait_for_message(
-        lambda m: has_png(m) and m.get("interaction_metadata", {}).get("id") == interaction_id,
+        lambda m: has_png(m)
+        and "seed `" in m["content"]
+        and m.get("interaction_metadata", {}).get("id") == interaction_id,
         timeout=timeout,
     )
 
@@ -49,7 +51,7 @@ async def test_imagine_defers_in_time_and_replies_with_a_reproducible_png(
     control = harness.control
     sent = await control.slash(
         "imagine",
-        {"prompt": "a red fox in snow", "steps": 4, "width": 96, "height": 64, "seed": 1234},
+        {"prompt": "a red fox in snow", "steps": 4, "size": "96x64", "seed": 1234},
     )
     ack = sent["interaction"]
     assert ack["callback_type"] == 5, "the bot must defer (thinking) before generating"
@@ -103,7 +105,7 @@ async def test_a_random_seed_is_chosen_recorded_and_reported(harness: Harness) -
 
 
 async def test_sizes_are_snapped_to_multiples_of_8(harness: Harness) -> None:
-    sent = await harness.control.slash("imagine", {"prompt": "snap", "steps": 1, "width": 100})
+    sent = await harness.control.slash("imagine", {"prompt": "snap", "steps": 1, "size": "100x64"})
     msg = await result_for(harness.control, sent["interaction"]["id"])
     png = await harness.control.download(msg["attachments"][0])
     assert Image.open(io.BytesIO(png)).size == (96, 64)
@@ -112,8 +114,15 @@ async def test_sizes_are_snapped_to_multiples_of_8(harness: Harness) -> None:
 BAD_INPUTS = [
     pytest.param({"prompt": "x", "steps": 0}, "steps 0 is out of range", id="steps-zero"),
     pytest.param({"prompt": "x", "steps": 500}, "steps 500 is out of range", id="steps-huge"),
-    pytest.param({"prompt": "x", "width": 10000}, "width 10000 is out of range", id="width-huge"),
-    pytest.param({"prompt": "x", "height": 8}, "height 8 is out of range", id="height-tiny"),
+    pytest.param(
+        {"prompt": "x", "size": "10000x64"}, "width 10000 is out of range", id="width-huge"
+    ),
+    pytest.param({"prompt": "x", "size": "64x8"}, "is not WIDTHxHEIGHT", id="height-tiny"),
+    pytest.param({"prompt": "x", "size": "64x16"}, "height 16 is out of range", id="height-small"),
+    pytest.param({"prompt": "x", "size": "big"}, "is not WIDTHxHEIGHT", id="size-words"),
+    pytest.param({"prompt": "x", "model": "nope"}, "Unknown model", id="model-unknown"),
+    pytest.param({"prompt": "x", "scheduler": "Warp"}, "Warp", id="scheduler-unknown"),
+    pytest.param({"prompt": "x", "lora": "ghost"}, "Unknown LoRA", id="lora-unknown"),
     pytest.param({"prompt": "x", "guidance": 99}, "guidance 99", id="guidance-huge"),
     pytest.param({"prompt": "x", "seed": -5}, "seed", id="seed-negative"),
     pytest.param({"prompt": "   "}, "prompt is empty", id="prompt-blank"),
@@ -167,9 +176,7 @@ async def test_a_full_queue_refuses_at_once_and_records_why(
     limited = settings.model_copy(update={"queue_limit": 1})
     async with running_bot(limited, engine=engine) as h:
         c = h.control
-        first = await c.slash(
-            "imagine", {"prompt": "long one", "steps": 60, "width": 256, "height": 256}
-        )
+        first = await c.slash("imagine", {"prompt": "long one", "steps": 60, "size": "256x256"})
         # Wait until the first job runs, so the next one waits in the queue.
         for _ in range(200):
             if [r["status"] for r in rows(h)] == ["running"]:
@@ -195,9 +202,7 @@ async def test_a_full_queue_refuses_at_once_and_records_why(
 
 async def test_progress_is_shown_while_a_job_runs(harness: Harness) -> None:
     control = harness.control
-    sent = await control.slash(
-        "imagine", {"prompt": "slow", "steps": 100, "width": 256, "height": 256}
-    )
+    sent = await control.slash("imagine", {"prompt": "slow", "steps": 100, "size": "256x256"})
     original = sent["interaction"]["original_message_id"]
     seen: set[str] = set()
     deadline = time.monotonic() + 60
@@ -213,9 +218,7 @@ async def test_progress_is_shown_while_a_job_runs(harness: Harness) -> None:
 
 async def test_the_event_loop_stays_responsive_during_a_long_job(harness: Harness) -> None:
     control = harness.control
-    sent = await control.slash(
-        "imagine", {"prompt": "long", "steps": 150, "width": 256, "height": 256}
-    )
+    sent = await control.slash("imagine", {"prompt": "long", "steps": 150, "size": "256x256"})
     for _ in range(500):
         if [r["status"] for r in rows(harness)] == ["running"]:
             break

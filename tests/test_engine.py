@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,6 +20,14 @@ from bot.jobs import GenerationRequest
 from bot.tiny_model import TINY_MODEL_DIRNAME, ensure_tiny_model, write_tiny_model
 
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; threads only spin when the CPU is shared
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -192,11 +202,16 @@ def test_folder_without_model_index_raises(engine: Engine, tmp_path: Path) -> No
         engine.load(str(tmp_path))
 
 
-def test_single_file_checkpoint_not_supported(engine: Engine, tmp_path: Path) -> None:
+def test_broken_single_file_checkpoint_raises_model_load_error(
+    engine: Engine, tmp_path: Path
+) -> None:
     ckpt = tmp_path / "model.safetensors"
-    ckpt.write_bytes(b"")
-    with pytest.raises(ModelLoadError, match="single-file checkpoints are not supported"):
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="Could not load the checkpoint") as info:
         engine.load(str(ckpt))
+    assert str(ckpt) in info.value.message
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        engine.load(str(tmp_path / "missing.safetensors"))
 
 
 def test_hub_id_offline_raises_helpful_model_load_error(

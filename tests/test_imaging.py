@@ -1,14 +1,23 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
+import pytest
 from PIL import Image
 
+from bot.errors import InvalidRequest
 from bot.imaging import (
+    decode_attachment,
     encode_png,
+    fit_size,
     format_parameters,
+    grid_cell,
+    make_grid,
     parse_parameters,
+    prepare_mask,
     read_parameters,
+    request_parameters,
     sampler_name,
 )
 
@@ -66,3 +75,156 @@ def test_sampler_names() -> None:
     assert sampler_name("EulerAncestralDiscreteScheduler") == "Euler a"
     assert sampler_name("DPMSolverMultistepScheduler") == "DPM++ 2M"
     assert sampler_name("SomethingNew") == "SomethingNew"
+
+
+# -- attachments, sizes, masks, grids ----------------------------------------------------------
+
+MB = 1_000_000
+LIMITS: dict[str, Any] = {"max_bytes": 10 * MB, "max_pixels": 4096 * 4096}
+
+
+def png_bytes(image: Image.Image, **params: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **params)
+    return buf.getvalue()
+
+
+def test_decode_attachment_returns_an_rgb_copy() -> None:
+    data = png_bytes(Image.new("RGB", (40, 30), (10, 20, 30)))
+    image = decode_attachment(data, **LIMITS)
+    assert (image.mode, image.size, image.getpixel((0, 0))) == ("RGB", (40, 30), (10, 20, 30))
+
+
+def test_decode_attachment_transparency_white_or_kept() -> None:
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    data = png_bytes(rgba)
+    flat = decode_attachment(data, **LIMITS)
+    assert flat.mode == "RGB"
+    assert flat.getpixel((0, 0)) == (255, 255, 255)
+    assert flat.getpixel((1, 1)) == (255, 0, 0)
+    kept = decode_attachment(data, **LIMITS, keep_alpha=True)
+    assert kept.mode == "RGBA" and kept.getchannel("A").getpixel((0, 0)) == 0
+    # An opaque image stays RGB even when alpha is asked for.
+    assert decode_attachment(
+        png_bytes(Image.new("RGB", (4, 4))), **LIMITS, keep_alpha=True
+    ).mode == ("RGB")
+
+
+def test_decode_attachment_applies_exif_orientation() -> None:
+    image = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a phone photo taken upright
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif)
+    assert decode_attachment(buf.getvalue(), **LIMITS).size == (20, 40)
+
+
+def test_decode_attachment_takes_the_first_frame_of_an_animation() -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    image = decode_attachment(buf.getvalue(), **LIMITS)
+    red, _green, blue = image.getpixel((8, 8))  # type: ignore[misc]
+    assert red > 200 and blue < 50
+
+
+def test_decode_attachment_scales_16_bit_greyscale() -> None:
+    image = Image.new("I;16", (8, 8), 65535)
+    decoded = decode_attachment(png_bytes(image), **LIMITS)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_decompression_bomb_is_refused_from_the_header_alone() -> None:
+    import time
+
+    from tests.test_engine_bad_inputs import bomb_png
+
+    # 20000x20000 pixels in 100 bytes: refused before any pixel is decoded.
+    data = bomb_png(20000, 20000)
+    assert len(data) < 1000
+    started = time.perf_counter()
+    with pytest.raises(
+        InvalidRequest, match=r"too many pixels.*\(400\.0 megapixels\); the limit is 16\.8"
+    ):
+        decode_attachment(data, max_bytes=10 * MB, max_pixels=4096 * 4096)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_fit_size_keeps_aspect_in_multiples_of_8() -> None:
+    assert fit_size(1024, 768, max_side=512) == (512, 384)
+    assert fit_size(768, 1024, max_side=512) == (384, 512)
+    assert fit_size(100, 100, max_side=512) == (512, 512)  # small images go up to native size
+    assert fit_size(1000, 333, max_side=512) == (512, 168)
+    assert fit_size(5000, 10, max_side=512) == (512, 64)  # clamped at min_side
+    assert fit_size(513, 517, max_side=513) == (512, 512)
+    for w, h in ((37, 91), (1920, 1080), (1, 1)):
+        out = fit_size(w, h, max_side=768)
+        assert all(side % 8 == 0 and 64 <= side <= 768 for side in out)
+
+
+def test_prepare_mask_from_separate_image_any_mode() -> None:
+    mask = Image.new("RGB", (32, 32), "black")
+    mask.paste((255, 255, 255), (0, 0, 16, 32))
+    out = prepare_mask(None, mask, (64, 64))
+    assert (out.mode, out.size) == ("L", (64, 64))
+    assert out.getpixel((5, 5)) == 255 and out.getpixel((60, 5)) == 0
+    # Strokes painted on a transparent layer: transparent = keep.
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, 10, 10))
+    out = prepare_mask(None, layer, (64, 64))
+    assert out.getpixel((1, 1)) == 255 and out.getpixel((30, 30)) == 0
+
+
+def test_prepare_mask_from_transparency() -> None:
+    image = Image.new("RGBA", (64, 48), (200, 100, 50, 255))
+    image.paste((0, 0, 0, 0), (0, 0, 32, 48))
+    out = prepare_mask(image, None, (64, 48))
+    assert out.getpixel((1, 1)) == 255 and out.getpixel((60, 1)) == 0
+
+
+def test_make_grid_layouts_and_cells() -> None:
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    images = [Image.new("RGB", (16, 8), c) for c in colors]
+    assert make_grid(images[:1]).size == (16, 8)
+    assert make_grid(images[:2]).size == (32, 8)  # 1 row x 2
+    assert make_grid(images[:3]).size == (48, 8)  # 1 row x 3, as A1111
+    grid = make_grid(images)
+    assert grid.size == (32, 16)  # 2x2
+    assert [grid.getpixel(p) for p in ((0, 0), (16, 0), (0, 8), (16, 8))] == colors
+    for count in (1, 2, 3, 4):
+        g = make_grid(images[:count])
+        for i in range(count):
+            cell = grid_cell(g, count, i)
+            assert cell.size == (16, 8) and cell.getpixel((3, 3)) == colors[i]
+
+
+def test_request_parameters_a1111_line_by_line() -> None:
+    from bot.jobs import GenerationRequest, LoraSpec
+
+    init = Image.new("RGB", (64, 64))
+    req = GenerationRequest(
+        prompt="a cat, (blue:1.2)",
+        negative_prompt="blurry",
+        model="tiny",
+        width=64,
+        height=64,
+        steps=20,
+        guidance=7.5,
+        seed=42,
+        mode="img2img",
+        strength=0.6,
+        init_image=init,
+        loras=(LoraSpec("ink", 0.8),),
+        scheduler="euler a",
+    )
+    text = request_parameters(req, seed=43, sampler=req.scheduler)
+    assert text.split("\n") == [
+        "a cat, (blue:1.2) <lora:ink:0.8>",
+        "Negative prompt: blurry",
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 43, Size: 64x64, Model: tiny, "
+        "Denoising strength: 0.6",
+    ]
+    parsed = parse_parameters(read_parameters(encode_png(init, text)) or "")
+    assert parsed["Seed"] == "43" and parsed["Denoising strength"] == "0.6"
+    assert parsed["negative_prompt"] == "blurry"

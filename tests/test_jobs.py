@@ -63,3 +63,36 @@ def test_each_bad_value_is_named_with_the_allowed_range(
 
 def test_snap_to_8() -> None:
     assert [snap_to_8(v) for v in (64, 70, 71, 72, 513)] == [64, 64, 64, 72, 512]
+
+
+def test_scheduler_names_are_canonical_so_batches_match() -> None:
+    a, b = make(scheduler="euler A"), make(scheduler="Euler a")
+    assert a.scheduler == "Euler a"
+    assert a.batch_key() == b.batch_key()
+    assert make(scheduler="DEFAULT").scheduler == "default"
+
+
+def test_batch_key_ignores_prompt_seed_and_images_but_not_settings() -> None:
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64))
+    one = make(mode="img2img", init_image=image, prompt="x", seed=1, strength=0.5)
+    two = make(mode="img2img", init_image=image.copy(), prompt="y", seed=2, strength=0.5)
+    assert one.batch_key() == two.batch_key()
+    assert one.batch_key() != make(mode="img2img", init_image=image, strength=0.6).batch_key()
+    assert make(seed=MAX_SEED, count=2).seeds == [MAX_SEED, 0]
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"scheduler": "k_euler"}, "Unknown scheduler 'k_euler'. Use one of: default, Euler"),
+        ({"count": 0}, "count 0 is out of range; use 1 to 4"),
+        ({"mode": "img2img"}, "img2img needs an input image"),
+        ({"mode": "inpaint", "init_image": "x"}, "inpaint needs an input image"),
+        ({"loras": (("a", 1.0),)}, "is not a LoRA choice"),
+    ],
+)
+def test_more_bad_values(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message.replace("(", r"\(").replace(".", r"\.")):
+        make(**kw)

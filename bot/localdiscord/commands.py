@@ -6,7 +6,7 @@ import itertools
 import math
 from typing import Any
 
-from bot.localdiscord.state import ApiError, World
+from bot.localdiscord.state import ALL_PERMISSIONS, ApiError, World
 
 SUB_COMMAND, SUB_COMMAND_GROUP = 1, 2
 STRING, INTEGER, BOOLEAN, USER, CHANNEL, ROLE, MENTIONABLE, NUMBER, ATTACHMENT = (
@@ -65,7 +65,11 @@ def _coerce(world: World, opt: dict[str, Any], value: Any, resolved: dict[str, A
         value = str(user.id)
     elif otype == CHANNEL:
         channel = world.channel(int(value))
-        resolved.setdefault("channels", {})[str(value)] = channel
+        # Discord resolves channels with the invoking member's permissions in them.
+        resolved.setdefault("channels", {})[str(value)] = {
+            **channel,
+            "permissions": str(ALL_PERMISSIONS),
+        }
         value = str(value)
     choices = opt.get("choices")
     if choices and value not in [c["value"] for c in choices]:

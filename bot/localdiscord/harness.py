@@ -34,10 +34,15 @@ async def running_bot(
     *,
     engine: Engine | None = None,
     upload_limit: int | None = None,
+    server: LocalDiscord | None = None,
     **bot_options: Any,
 ) -> AsyncIterator[Harness]:
-    server = LocalDiscord(upload_limit=upload_limit)
-    url = await server.start()
+    """A bot connected to `server` (a new one unless given: pass one to simulate a restart)."""
+    own_server = server is None
+    if server is None:
+        server = LocalDiscord(upload_limit=upload_limit)
+        await server.start()
+    url = server.base_url
     try:
         await configure_api_base(url)
         settings = settings.model_copy(update={"discord_api_base": url})
@@ -62,4 +67,5 @@ async def running_bot(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
     finally:
-        await server.close()
+        if own_server:
+            await server.close()

@@ -19,6 +19,7 @@ from aiohttp import WSMsgType, web
 
 from bot.localdiscord.commands import command_data
 from bot.localdiscord.state import (
+    ADMINISTRATOR,
     CALLBACK_WINDOW_S,
     EPHEMERAL,
     LOADING,
@@ -550,6 +551,12 @@ class LocalDiscord:
             self.world, str(body.get("command", "")), dict(body.get("options") or {}),
             validate=bool(body.get("validate", True)),
         )  # fmt: skip
+        if body.get("validate", True):
+            cmd = self.world.find_command(data["name"], 1)
+            needed = int(cmd.get("default_member_permissions") or 0)
+            if needed and not (user.permissions & needed or user.permissions & ADMINISTRATOR):
+                # Discord hides such commands from members who lack the permission.
+                raise ApiError(403, "You do not have permission to use this command.", 50013)
         inter = self.world.new_interaction(2, user, channel_id, data)
         return await self._deliver(inter, bool(body.get("wait", True)))
 

@@ -1,0 +1,220 @@
+"""From a Discord interaction to a queued job: the one path every generation entry point takes.
+
+Slash commands, context menus, modals and buttons all end here: options become a validated
+GenerationRequest, refusals become ephemeral replies and `rejected` rows, accepted jobs are
+deferred and followed until their images are posted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import discord
+from PIL import Image
+
+from bot import imaging
+from bot.db import JobOrigin
+from bot.errors import InvalidRequest, SdbotError
+from bot.executor import Job
+from bot.jobs import MAX_SIZE, MIN_SIZE, GenerationRequest, LoraSpec, snap_to_8
+from bot.policy import check_access, check_limits
+from bot.replies import JobFollower
+
+if TYPE_CHECKING:
+    from bot.app import SdBot
+
+ImageLoader = Callable[[], Awaitable[dict[str, Any]]]
+
+_SIZE_RE = re.compile(r"^\s*(\d{2,5})\s*[x×*,]\s*(\d{2,5})\s*$", re.IGNORECASE)
+
+
+def origin_of(interaction: discord.Interaction, command: str) -> JobOrigin:
+    return JobOrigin(
+        user_id=interaction.user.id,
+        user_name=str(interaction.user),
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        command=command,
+        interaction_id=interaction.id,
+    )
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'768x512' -> (768, 512), each rounded down to a multiple of 8."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise InvalidRequest(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x768.")
+    return snap_to_8(int(match.group(1))), snap_to_8(int(match.group(2)))
+
+
+def size_suggestions(native: int) -> list[str]:
+    """Square, portrait and landscape sizes around a model's native resolution."""
+    out = []
+    for w, h in ((1, 1), (3, 4), (4, 3), (2, 3), (3, 2), (9, 16), (16, 9)):
+        scale = native / max(w, h)
+        width, height = snap_to_8(int(w * scale)), snap_to_8(int(h * scale))
+        if MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE:
+            out.append(f"{width}x{height}")
+    return out
+
+
+def input_size(width: int, height: int, native: int) -> tuple[int, int]:
+    """Size to repaint an input image at: its aspect kept, its short side at the model's native
+    resolution (the long side capped at MAX_SIZE), multiples of 8."""
+    long_side = min(MAX_SIZE, round(native * max(width, height) / max(1, min(width, height))))
+    return imaging.fit_size(width, height, max_side=long_side, min_side=MIN_SIZE)
+
+
+def parse_loras(text: str, known: list[str]) -> tuple[LoraSpec, ...]:
+    """'style:0.8, detail' -> LoRA specs; names must exist in the LoRA folder."""
+    specs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight_text = part.partition(":")
+        name = name.strip()
+        if name not in known:
+            available = ", ".join(known) or "none are installed"
+            raise InvalidRequest(f"Unknown LoRA {name!r}. Available: {available}.")
+        try:
+            weight = float(weight_text) if weight_text.strip() else 1.0
+        except ValueError:
+            raise InvalidRequest(
+                f"LoRA weight {weight_text!r} for {name!r} is not a number."
+            ) from None
+        specs.append(LoraSpec(name, weight))
+    return tuple(specs)
+
+
+def check_scheduler(name: str) -> None:
+    from bot.schedulers import SCHEDULER_NAMES
+
+    if name != "default" and name not in SCHEDULER_NAMES:
+        raise InvalidRequest(
+            f"Unknown scheduler {name!r}. Use one of: {', '.join(SCHEDULER_NAMES)}."
+        )
+
+
+def jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters as stored in a job row: images stay out, LoRA specs become pairs."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, Image.Image):
+            continue
+        if key == "loras":
+            value = [[lo.name, lo.weight] for lo in value]
+        out[key] = value
+    return out
+
+
+async def read_image(
+    bot: SdBot, url: str, *, what: str = "image", keep_alpha: bool = False
+) -> Image.Image:
+    """Download an image (attachment or earlier result) and decode it off the event loop."""
+    limit = int(bot.settings.max_attachment_mb * 1024 * 1024)
+    try:
+        async with bot.http_session.get(url) as resp:
+            if resp.status != 200:
+                raise InvalidRequest(f"The {what} could not be downloaded (HTTP {resp.status}).")
+            data = await resp.content.read(limit + 1)
+    except TimeoutError:
+        raise InvalidRequest(f"Downloading the {what} timed out; try again.") from None
+    except Exception as exc:
+        if isinstance(exc, SdbotError):
+            raise
+        raise InvalidRequest(f"The {what} could not be downloaded.") from exc
+    return await asyncio.to_thread(
+        imaging.decode_attachment,
+        data,
+        max_bytes=limit,
+        max_pixels=bot.settings.max_attachment_pixels,
+        what=what,
+        keep_alpha=keep_alpha,
+    )
+
+
+def check_attachment(bot: SdBot, attachment: discord.Attachment, what: str) -> None:
+    """What Discord tells us up front, checked before deferring so the error is ephemeral."""
+    ctype = (attachment.content_type or "").split(";")[0]
+    if not ctype.startswith("image/"):
+        kind = ctype or "file of unknown type"
+        raise InvalidRequest(f"The {what} must be an image (PNG, JPEG, WebP or GIF); got a {kind}.")
+    limit_mb = bot.settings.max_attachment_mb
+    if attachment.size > limit_mb * 1024 * 1024:
+        raise InvalidRequest(
+            f"The {what} is {attachment.size / 1048576:.1f} MB; the limit is {limit_mb:g} MB."
+        )
+    if attachment.size == 0:
+        raise InvalidRequest(f"The {what} is empty (0 bytes).")
+
+
+async def start_job(
+    interaction: discord.Interaction,
+    *,
+    command: str,
+    params: dict[str, Any],
+    load_images: ImageLoader | None = None,
+) -> None:
+    """Validate, queue, defer and follow one job.
+
+    Without images everything is checked before the defer, so refusals are ephemeral replies
+    (raised to the caller's error handler). With images the defer comes first (downloads may
+    outlast Discord's 3 s) and a refusal replaces the deferred message with an ephemeral one.
+    """
+    bot: SdBot = interaction.client  # type: ignore[assignment]
+    origin = origin_of(interaction, command)
+
+    # Where the inputs came from is kept in the job row (for Reroll after a restart), not
+    # in the request the engine sees.
+    fields = {f.name for f in dataclasses.fields(GenerationRequest)}
+    provenance = {k: v for k, v in params.items() if k not in fields}
+
+    async def build() -> tuple[GenerationRequest, int]:
+        try:
+            config = await check_access(bot, interaction, params)
+            extra = await load_images() if load_images is not None else {}
+            merged = {**params, **extra}
+            request = GenerationRequest(**{k: v for k, v in merged.items() if k in fields})
+            check_limits(config, request)
+            return request, int(config.user_queue_cap)
+        except SdbotError as exc:
+            await bot.db.record_rejected(origin, jsonable(params), exc.reason, exc.message)
+            raise
+
+    async def submit(request: GenerationRequest, user_limit: int) -> Job:
+        job = await bot.executor.submit(origin, request, user_limit=user_limit)
+        if provenance:
+            await bot.db.merge_params(job.id, jsonable(provenance))
+        return job
+
+    if load_images is None:
+        request, user_limit = await build()
+        job = await submit(request, user_limit)
+        original_id = await _defer(interaction)
+    else:
+        original_id = await _defer(interaction)
+        try:
+            request, user_limit = await build()
+            job = await submit(request, user_limit)
+        except SdbotError as exc:
+            await replace_with_error(interaction, exc.message)
+            return
+    await JobFollower(bot, interaction, job, original_id).run()
+
+
+async def _defer(interaction: discord.Interaction) -> int | None:
+    if interaction.response.is_done():
+        return None
+    ack = await interaction.response.defer(thinking=True)
+    return ack.message_id if ack is not None else None
+
+
+async def replace_with_error(interaction: discord.Interaction, message: str) -> None:
+    """After a public defer: drop the 'thinking' message, tell only the user why."""
+    with contextlib.suppress(discord.HTTPException):
+        await interaction.delete_original_response()
+    with contextlib.suppress(discord.HTTPException):
+        await interaction.followup.send(f"⚠️ {message}", ephemeral=True)

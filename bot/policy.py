@@ -1,0 +1,165 @@
+"""Server rules, enforced in one place before a job is queued: channel, ban, blocked words,
+model and size limits, cooldown and daily quota. A refusal says why and, when it applies,
+when the member can try again."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from bot.errors import SdbotError
+from bot.guild_config import GuildConfig
+from bot.jobs import GenerationRequest
+
+if TYPE_CHECKING:
+    from bot.app import SdBot
+
+
+class Refused(SdbotError):
+    """A server rule refused the request; `reason` names the rule for the job row."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def normalize(text: str) -> str:
+    """Case- and accent-insensitive form: 'Ñaïve' and 'naive' compare equal."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+
+
+def blocked_match(prompt: str, patterns: tuple[str, ...]) -> str | None:
+    """The first pattern the prompt hits: plain entries match whole words or phrases,
+    entries starting with `re:` are regular expressions."""
+    text = normalize(prompt)
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                if re.search(pattern[3:], text, re.IGNORECASE):
+                    return pattern
+            except re.error:
+                continue
+        elif re.search(rf"(?<!\w){re.escape(normalize(pattern))}(?!\w)", text):
+            return pattern
+    return None
+
+
+def is_moderator(interaction: discord.Interaction) -> bool:
+    perms = interaction.permissions
+    return bool(perms.manage_guild or perms.administrator)
+
+
+def _in_words(delta: timedelta) -> str:
+    seconds = max(1, int(delta.total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+async def check_access(
+    bot: SdBot, interaction: discord.Interaction, params: dict[str, Any]
+) -> GuildConfig:
+    """Rules that need no images: run before anything is downloaded or queued."""
+    guild_id = interaction.guild_id
+    config = await bot.guild_configs.get(guild_id)
+    if guild_id is None:
+        if not bot.settings.allow_dms:
+            raise Refused("dm", "sdbot only works in servers, not in direct messages.")
+        return config
+    channel = interaction.channel
+    channel_ok = not config.channels or interaction.channel_id in config.channels
+    if not channel_ok and isinstance(channel, discord.Thread):
+        channel_ok = channel.parent_id in config.channels
+    if not channel_ok:
+        where = ", ".join(f"<#{c}>" for c in config.channels[:5])
+        raise Refused("channel", f"Image commands are not enabled in this channel. Try {where}.")
+    reason = await bot.db.ban_reason(guild_id, interaction.user.id)
+    if reason is not None:
+        raise Refused(
+            "banned", "You can't use sdbot in this server" + (f": {reason}" if reason else ".")
+        )
+    for text in (params.get("prompt") or "", params.get("negative_prompt") or ""):
+        if blocked_match(str(text), config.blocked):
+            raise Refused(
+                "blocked_word", "Your prompt contains a word or phrase this server blocks."
+            )
+    model = params.get("model")
+    if config.allowed_models and model not in config.allowed_models:
+        raise Refused(
+            "model",
+            f"The model {model!r} is not enabled here. Use: {', '.join(config.allowed_models)}.",
+        )
+    if not is_moderator(interaction):
+        await _check_cooldown_and_quota(bot, config, guild_id, interaction.user.id, params)
+    return config
+
+
+async def _check_cooldown_and_quota(
+    bot: SdBot, config: GuildConfig, guild_id: int, user_id: int, params: dict[str, Any]
+) -> None:
+    now = utcnow()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    since = midnight.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    images, gpu_seconds, last = await bot.db.usage_since(guild_id, user_id, since)
+    if config.cooldown_seconds and last:
+        ready = datetime.fromisoformat(last.replace("Z", "+00:00")) + timedelta(
+            seconds=config.cooldown_seconds
+        )
+        if ready > now:
+            raise Refused(
+                "cooldown",
+                f"Slow down a little: you can start another job in {_in_words(ready - now)}.",
+            )
+    quota = await bot.db.user_quota(guild_id, user_id)
+    if quota is None:
+        quota = config.daily_quota
+    if quota:
+        reset = f"it resets at 00:00 UTC, in {_in_words(midnight + timedelta(days=1) - now)}"
+        if config.quota_unit == "gpu_seconds":
+            if gpu_seconds >= quota:
+                raise Refused("quota", f"You've used your {quota} GPU-seconds for today; {reset}.")
+        else:
+            pending = await bot.db.pending_images(guild_id, user_id)
+            wanted = int(params.get("count") or 1)
+            if images + pending + wanted > quota:
+                left = max(0, quota - images - pending)
+                raise Refused(
+                    "quota",
+                    f"That would pass your daily quota of {quota} images ({left} left); {reset}.",
+                )
+
+
+def check_limits(config: GuildConfig, request: GenerationRequest) -> None:
+    """Size, steps and count within this server's maxima (checked on the final request)."""
+    if max(request.width, request.height) > config.max_size:
+        raise Refused(
+            "limit",
+            f"{request.width}×{request.height} is larger than this server allows "
+            f"({config.max_size}px).",
+        )
+    if request.steps > config.max_steps:
+        raise Refused(
+            "limit", f"{request.steps} steps is more than this server allows ({config.max_steps})."
+        )
+    if request.count > config.max_count:
+        raise Refused(
+            "limit", f"{request.count} images is more than this server allows ({config.max_count})."
+        )
+
+
+def nsfw_action(config: GuildConfig, channel: Any) -> str:
+    """allow / spoiler / block for flagged images, lifted in NSFW-marked channels if allowed."""
+    if config.nsfw_channels_allow and getattr(channel, "nsfw", False):
+        return "allow"
+    return str(config.nsfw_policy)

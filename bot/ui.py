@@ -1,0 +1,261 @@
+"""Buttons and modals under results. Buttons are DynamicItems: their custom_id carries the job
+id and everything else comes from the job row, so they keep working after a restart."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import discord
+from PIL import Image
+
+from bot.errors import InvalidRequest
+from bot.generation import read_image, start_job
+from bot.jobs import MAX_SIZE, new_seed, snap_to_8
+
+if TYPE_CHECKING:
+    from bot.app import SdBot
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("reroll", "vary", "upscale", "edit", "delete", "cancel")
+VARIATION_STRENGTH = 0.6
+UPSCALE_STRENGTH = 0.3
+
+
+def can_moderate(interaction: discord.Interaction, owner_id: int) -> bool:
+    """The job's owner, or someone who may manage messages here."""
+    if interaction.user.id == owner_id:
+        return True
+    perms = interaction.permissions
+    return bool(perms.manage_messages or perms.manage_guild or perms.administrator)
+
+
+class JobButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"sdbot:(?P<action>[a-z]+):(?P<job>\d+)(?::(?P<index>\d+))?",
+):
+    def __init__(
+        self,
+        action: str,
+        job_id: int,
+        index: int | None = None,
+        *,
+        label: str | None = None,
+        emoji: str | None = None,
+        style: discord.ButtonStyle = discord.ButtonStyle.secondary,
+        row: int | None = None,
+    ) -> None:
+        custom_id = f"sdbot:{action}:{job_id}" + (f":{index}" if index is not None else "")
+        super().__init__(
+            discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=custom_id, row=row)
+        )
+        self.action = action
+        self.job_id = job_id
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(  # type: ignore[override]
+        cls, interaction: discord.Interaction, item: discord.ui.Button[Any], match: Any, /
+    ) -> JobButton:
+        index = match["index"]
+        return cls(match["action"], int(match["job"]), int(index) if index is not None else None)
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: SdBot = interaction.client  # type: ignore[assignment]
+        try:
+            await self._dispatch(bot, interaction)
+        except Exception as exc:
+            await bot.report(interaction, exc)
+
+    async def _dispatch(self, bot: SdBot, interaction: discord.Interaction) -> None:
+        if self.action not in ACTIONS:
+            raise InvalidRequest("This button is not one sdbot knows.")
+        row = await bot.db.get_job(self.job_id)
+        if row is None:
+            raise InvalidRequest(f"Job #{self.job_id} no longer exists.")
+        params = json.loads(row["params"])
+        if self.action == "cancel":
+            if not can_moderate(interaction, row["user_id"]):
+                raise InvalidRequest(
+                    "Only the person who started this job (or a moderator) can cancel it."
+                )
+            cancelled = await bot.executor.cancel(self.job_id)
+            text = "Cancelling…" if cancelled else "That job has already finished."
+            await interaction.response.send_message(text, ephemeral=True)
+        elif self.action == "delete":
+            if not can_moderate(interaction, row["user_id"]):
+                raise InvalidRequest(
+                    "Only the person who asked for this image (or a moderator) can delete it."
+                )
+            await interaction.response.defer()
+            if interaction.message is not None:
+                await interaction.message.delete()
+        elif self.action == "edit":
+            await interaction.response.send_modal(EditPromptModal(self.job_id, params))
+        elif self.action == "reroll":
+            await _rerun(interaction, params, command="reroll", seed=new_seed())
+        elif self.action in ("vary", "upscale"):
+            await _from_result_image(bot, interaction, params, self.action, self.index or 1)
+
+
+async def _rerun(
+    interaction: discord.Interaction, params: dict[str, Any], *, command: str, **changes: Any
+) -> None:
+    """Run a stored job again with some parameters changed (re-reading its input images)."""
+    bot: SdBot = interaction.client  # type: ignore[assignment]
+    request_params = _request_params(params)
+    request_params.update(changes)
+    source_url = params.get("source_url")
+    if request_params.get("mode", "txt2img") == "txt2img" or not source_url:
+        request_params["mode"] = "txt2img"
+        request_params.pop("strength", None)
+        await start_job(interaction, command=command, params=request_params)
+        return
+    mask_url = params.get("mask_url")
+    inpaint = request_params["mode"] == "inpaint"
+
+    async def load() -> dict[str, Any]:
+        from bot import imaging
+
+        image = await read_image(bot, source_url, keep_alpha=inpaint)
+        out: dict[str, Any] = {"init_image": image.convert("RGB")}
+        if inpaint:
+            mask = await read_image(bot, mask_url, what="mask") if mask_url else None
+            size = (request_params["width"], request_params["height"])
+            out["init_image"] = image.convert("RGB").resize(size)
+            out["mask_image"] = imaging.prepare_mask(image if mask is None else None, mask, size)
+        else:
+            out["init_image"] = out["init_image"].resize(
+                (request_params["width"], request_params["height"])
+            )
+        return out
+
+    request_params["source_url"] = source_url
+    if mask_url:
+        request_params["mask_url"] = mask_url
+    await start_job(interaction, command=command, params=request_params, load_images=load)
+
+
+def _request_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A stored row's params back into GenerationRequest keyword arguments."""
+    from bot.jobs import LoraSpec
+
+    keys = (
+        "prompt", "negative_prompt", "model", "width", "height", "steps", "guidance", "seed",
+        "mode", "scheduler", "count", "strength",
+    )  # fmt: skip
+    out = {k: params[k] for k in keys if k in params}
+    out["loras"] = tuple(LoraSpec(str(n), float(w)) for n, w in params.get("loras") or [])
+    return out
+
+
+async def _from_result_image(
+    bot: SdBot, interaction: discord.Interaction, params: dict[str, Any], action: str, index: int
+) -> None:
+    """V<n>: img2img of result n at a modest strength; U<n>: 2x resize + low-strength img2img."""
+    message = interaction.message
+    images = [
+        a
+        for a in (message.attachments if message else [])
+        if (a.content_type or "").startswith("image/")
+    ]
+    if not images:
+        raise InvalidRequest("This result's image is no longer available.")
+    count = int(params.get("count") or 1)
+    if not 1 <= index <= count:
+        raise InvalidRequest(f"There is no image {index} in this result.")
+    width, height = int(params["width"]), int(params["height"])
+    if action == "upscale":
+        if max(width, height) * 2 > MAX_SIZE:
+            raise InvalidRequest(
+                f"This image is {width}×{height}; 2× would pass the {MAX_SIZE}px limit."
+            )
+        width, height = snap_to_8(width * 2), snap_to_8(height * 2)
+    strength = VARIATION_STRENGTH if action == "vary" else UPSCALE_STRENGTH
+    request_params = _request_params(params)
+    request_params.update(
+        mode="img2img",
+        width=width,
+        height=height,
+        count=1,
+        seed=new_seed() if action == "vary" else int(params["seed"]) + index - 1,
+        strength=strength,
+        # img2img runs steps × strength steps; keep at least one whatever the original had.
+        steps=max(int(params["steps"]), math.ceil(1 / strength) + 1),
+    )
+    source = images[0]
+
+    async def load() -> dict[str, Any]:
+        from bot import imaging
+
+        picture = await read_image(bot, source.url, what="result image")
+        if count > 1:
+            picture = imaging.grid_cell(picture, count, index - 1)
+        return {"init_image": picture.resize((width, height), Image.Resampling.LANCZOS)}
+
+    request_params["source_url"] = source.url
+    request_params["source_index"] = index
+    await start_job(interaction, command=action, params=request_params, load_images=load)
+
+
+class EditPromptModal(discord.ui.Modal, title="Edit the prompt"):
+    def __init__(self, job_id: int, params: dict[str, Any]) -> None:
+        super().__init__(timeout=600)
+        self.job_id = job_id
+        self.params = params
+        self.prompt: discord.ui.TextInput[EditPromptModal] = discord.ui.TextInput(
+            label="Prompt", style=discord.TextStyle.paragraph,
+            default=params.get("prompt", "")[:1000], max_length=1000,
+        )  # fmt: skip
+        self.negative: discord.ui.TextInput[EditPromptModal] = discord.ui.TextInput(
+            label="Negative prompt", style=discord.TextStyle.paragraph, required=False,
+            default=(params.get("negative_prompt") or "")[:1000], max_length=1000,
+        )  # fmt: skip
+        self.add_item(self.prompt)
+        self.add_item(self.negative)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        await _rerun(
+            interaction,
+            self.params,
+            command="edit",
+            prompt=self.prompt.value,
+            negative_prompt=self.negative.value,
+        )
+
+    async def on_error(  # type: ignore[override]
+        self, interaction: discord.Interaction, error: Exception, /
+    ) -> None:
+        bot: SdBot = interaction.client  # type: ignore[assignment]
+        await bot.report(interaction, error)
+
+
+def progress_view(job_id: int) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(
+        JobButton("cancel", job_id, label="Cancel", emoji="✖️", style=discord.ButtonStyle.danger)
+    )
+    return view
+
+
+def result_view(job_id: int, count: int) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for i in range(1, count + 1):
+        view.add_item(JobButton("vary", job_id, i, label=f"V{i}", row=0))
+    for i in range(1, count + 1):
+        view.add_item(JobButton("upscale", job_id, i, label=f"U{i}", row=1))
+    view.add_item(
+        JobButton(
+            "reroll", job_id, label="Reroll", emoji="🎲", style=discord.ButtonStyle.primary, row=2
+        )
+    )
+    view.add_item(JobButton("edit", job_id, label="Edit prompt", emoji="✏️", row=2))
+    view.add_item(
+        JobButton(
+            "delete", job_id, label="Delete", emoji="🗑️", style=discord.ButtonStyle.danger, row=2
+        )
+    )
+    return view

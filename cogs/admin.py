@@ -1,0 +1,311 @@
+"""/config and /stats: what server admins steer and read. Manage Server is required, both as
+Discord's default permission and again here at run time (clients can be modified)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections import Counter, defaultdict
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.charts import stacked_bars
+from bot.errors import InvalidRequest
+from bot.guild_config import SPECS
+from bot.policy import Refused, is_moderator, utcnow
+
+if TYPE_CHECKING:
+    from bot.app import SdBot
+
+PERIODS = {"day": 1, "week": 7, "month": 30, "quarter": 90}
+
+
+def require_admin(interaction: discord.Interaction) -> int:
+    if interaction.guild_id is None:
+        raise InvalidRequest("This command only works in a server.")
+    if not is_moderator(interaction):
+        raise Refused("permission", "You need the Manage Server permission to do that.")
+    return interaction.guild_id
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(value) or "(all)"
+    return json.dumps(value) if isinstance(value, str) and not value else str(value)
+
+
+@app_commands.guild_only()
+@app_commands.default_permissions(manage_guild=True)
+class Config(app_commands.Group, name="config", description="Server settings for sdbot"):
+    def __init__(self, bot: SdBot) -> None:
+        super().__init__()
+        self.bot = bot
+
+    channels = app_commands.Group(name="channels", description="Channels where sdbot may be used")
+    blocklist = app_commands.Group(
+        name="blocklist", description="Words and patterns refused in prompts"
+    )
+
+    @app_commands.command(name="show", description="Show this server's settings and recent changes")
+    async def show(self, interaction: discord.Interaction) -> None:
+        guild_id = require_admin(interaction)
+        config = await self.bot.guild_configs.get(guild_id)
+        lines = ["**sdbot settings** (✎ changed here)"]
+        for key, spec in SPECS.items():
+            mark = "✎" if key in config.overridden else "·"
+            lines.append(f"{mark} `{key}` = **{_show(config.values[key])}** — {spec.help}")
+        channels = ", ".join(f"<#{c}>" for c in config.channels) or "all channels"
+        lines.append(f"Channels: {channels} · blocked patterns: {len(config.blocked)}")
+        audit = await self.bot.db.audit_entries(guild_id, 5)
+        if audit:
+            lines.append("**Recent changes**")
+            for row in audit:
+                change = (
+                    f"{row['old']} → {row['new']}"
+                    if row["action"] == "set"
+                    else (row["new"] or row["old"] or "")
+                )
+                lines.append(
+                    f"{row['at'][:16]} <@{row['user_id']}> {row['action']} {row['key']} {change}"
+                )
+        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
+
+    @app_commands.command(name="set", description="Change one setting")
+    @app_commands.describe(key="Setting name", value="New value (see /config show)")
+    async def set_(self, interaction: discord.Interaction, key: str, value: str) -> None:
+        guild_id = require_admin(interaction)
+        if key in ("default_model",) and value:
+            value = self.bot.catalog.get(value).name
+        if key == "allowed_models":
+            for name in (v.strip() for v in value.split(",") if v.strip()):
+                self.bot.catalog.get(name)
+        if key == "default_scheduler":
+            from bot.generation import check_scheduler
+
+            check_scheduler(value)
+        new = await self.bot.guild_configs.set(guild_id, key, value, by=interaction.user.id)
+        await interaction.response.send_message(
+            f"✅ `{key}` is now **{_show(new)}**.", ephemeral=True
+        )
+
+    @app_commands.command(name="reset", description="Put one setting back to its default")
+    async def reset(self, interaction: discord.Interaction, key: str) -> None:
+        guild_id = require_admin(interaction)
+        new = await self.bot.guild_configs.set(guild_id, key, None, by=interaction.user.id)
+        await interaction.response.send_message(
+            f"↩️ `{key}` is back to **{_show(new)}**.", ephemeral=True
+        )
+
+    @set_.autocomplete("key")
+    @reset.autocomplete("key")
+    async def _key_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return [app_commands.Choice(name=k, value=k) for k in SPECS if current.lower() in k][:25]
+
+    @set_.autocomplete("value")
+    async def _value_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        key = getattr(interaction.namespace, "key", "")
+        spec = SPECS.get(key)
+        options: list[str] = []
+        if spec is not None:
+            if spec.choices:
+                options = list(spec.choices)
+            elif spec.kind is bool:
+                options = ["true", "false"]
+            elif key in ("default_model", "allowed_models"):
+                options = self.bot.catalog.names()
+            elif key == "default_scheduler":
+                from bot.schedulers import SCHEDULER_NAMES
+
+                options = ["default", *SCHEDULER_NAMES]
+            else:
+                options = [str(spec.default)]
+        return [
+            app_commands.Choice(name=o, value=o) for o in options if current.lower() in o.lower()
+        ][:25]
+
+    @channels.command(
+        name="add", description="Allow sdbot in a channel (once any is added, only those)"
+    )
+    async def channels_add(
+        self, interaction: discord.Interaction, channel: discord.TextChannel
+    ) -> None:
+        guild_id = require_admin(interaction)
+        await self.bot.guild_configs.add(
+            "guild_channels", "channel_id", guild_id, channel.id, by=interaction.user.id
+        )
+        await interaction.response.send_message(
+            f"✅ sdbot may be used in {channel.mention}.", ephemeral=True
+        )
+
+    @channels.command(name="remove", description="Stop allowing sdbot in a channel")
+    async def channels_remove(
+        self, interaction: discord.Interaction, channel: discord.TextChannel
+    ) -> None:
+        guild_id = require_admin(interaction)
+        removed = await self.bot.guild_configs.remove(
+            "guild_channels", "channel_id", guild_id, channel.id, by=interaction.user.id
+        )
+        text = (
+            f"✅ Removed {channel.mention}."
+            if removed
+            else f"{channel.mention} was not on the list."
+        )
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @channels.command(name="list", description="Channels where sdbot may be used")
+    async def channels_list(self, interaction: discord.Interaction) -> None:
+        guild_id = require_admin(interaction)
+        config = await self.bot.guild_configs.get(guild_id)
+        text = ", ".join(f"<#{c}>" for c in config.channels) or "All channels (the list is empty)."
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @blocklist.command(
+        name="add", description="Refuse prompts containing a word, phrase or re:regex"
+    )
+    async def blocklist_add(
+        self, interaction: discord.Interaction, pattern: app_commands.Range[str, 1, 200]
+    ) -> None:
+        guild_id = require_admin(interaction)
+        if pattern.startswith("re:"):
+            import re
+
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise InvalidRequest(f"That regular expression is invalid: {exc}.") from None
+        await self.bot.guild_configs.add(
+            "blocked_words", "pattern", guild_id, pattern, by=interaction.user.id
+        )
+        await interaction.response.send_message(f"✅ Blocking `{pattern}`.", ephemeral=True)
+
+    @blocklist.command(name="remove", description="Stop refusing a pattern")
+    async def blocklist_remove(self, interaction: discord.Interaction, pattern: str) -> None:
+        guild_id = require_admin(interaction)
+        removed = await self.bot.guild_configs.remove(
+            "blocked_words", "pattern", guild_id, pattern, by=interaction.user.id
+        )
+        await interaction.response.send_message(
+            f"✅ `{pattern}` is allowed again." if removed else f"`{pattern}` was not blocked.",
+            ephemeral=True,
+        )
+
+    @blocklist.command(name="list", description="The blocked words and patterns")
+    async def blocklist_list(self, interaction: discord.Interaction) -> None:
+        guild_id = require_admin(interaction)
+        config = await self.bot.guild_configs.get(guild_id)
+        text = "\n".join(f"• `{p}`" for p in config.blocked) or "Nothing is blocked."
+        await interaction.response.send_message(text[:2000], ephemeral=True)
+
+    @app_commands.command(name="ban", description="Stop a member from using sdbot here")
+    async def ban(
+        self,
+        interaction: discord.Interaction,
+        user: discord.User,
+        reason: app_commands.Range[str, 0, 200] = "",
+    ) -> None:
+        guild_id = require_admin(interaction)
+        await self.bot.db.ban(guild_id, user.id, reason, by=interaction.user.id)
+        await interaction.response.send_message(
+            f"🚫 {user.mention} can no longer use sdbot here.", ephemeral=True
+        )
+
+    @app_commands.command(name="unban", description="Let a banned member use sdbot again")
+    async def unban(self, interaction: discord.Interaction, user: discord.User) -> None:
+        guild_id = require_admin(interaction)
+        done = await self.bot.db.unban(guild_id, user.id, by=interaction.user.id)
+        text = (
+            f"✅ {user.mention} may use sdbot again." if done else f"{user.mention} was not banned."
+        )
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @app_commands.command(
+        name="quota", description="Set one member's daily quota (empty: back to the server's)"
+    )
+    async def quota(
+        self,
+        interaction: discord.Interaction,
+        user: discord.User,
+        daily: app_commands.Range[int, 0, 100_000] | None = None,
+    ) -> None:
+        guild_id = require_admin(interaction)
+        await self.bot.db.set_user_quota(guild_id, user.id, daily, by=interaction.user.id)
+        text = (
+            f"✅ {user.mention} now has a daily quota of {daily}."
+            if daily is not None
+            else f"↩️ {user.mention} uses the server's quota again."
+        )
+        await interaction.response.send_message(text, ephemeral=True)
+
+
+class Admin(commands.Cog):
+    def __init__(self, bot: SdBot) -> None:
+        self.bot = bot
+        self.config = Config(bot)
+        bot.tree.add_command(self.config)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.config.name)
+
+    @app_commands.command(name="stats", description="Usage of sdbot in this server, with a chart")
+    @app_commands.guild_only()
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.describe(period="How far back to look")
+    @app_commands.choices(period=[app_commands.Choice(name=k, value=k) for k in PERIODS])
+    async def stats(self, interaction: discord.Interaction, period: str = "week") -> None:
+        guild_id = require_admin(interaction)
+        days = PERIODS.get(period, 7)
+        now = utcnow()
+        start = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        since = start.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        rows = await self.bot.db.stats_rows(guild_id, since)
+        day_names = [(start + timedelta(days=i)).date().isoformat() for i in range(days)]
+        per_mode: dict[str, list[int]] = defaultdict(lambda: [0] * days)
+        users: Counter[str] = Counter()
+        models: Counter[str] = Counter()
+        images = failures = refused = 0
+        gpu = 0.0
+        for row in rows:
+            if row["status"] == "rejected":
+                refused += 1
+                continue
+            if row["day"] in day_names:
+                per_mode[row["mode"]][day_names.index(row["day"])] += 1
+            users[row["user_name"] or str(row["user_id"])] += 1
+            models[row["model"] or "?"] += 1
+            gpu += row["gpu_seconds"] or 0.0
+            if row["status"] == "finished":
+                images += row["count"] or 1
+            elif row["status"] == "failed":
+                failures += 1
+        jobs_total = sum(users.values())
+        modes = ("txt2img", "img2img", "inpaint")
+        series: dict[str, list[int]] = {m: per_mode[m] for m in modes if m in per_mode}
+        chart = await asyncio.to_thread(
+            stacked_bars,
+            day_names,
+            series or {"txt2img": [0] * days},
+            title=f"sdbot jobs per day ({period})",
+        )
+        top_users = ", ".join(f"{name} ({n})" for name, n in users.most_common(5)) or "—"
+        top_models = ", ".join(f"{name} ({n})" for name, n in models.most_common(3)) or "—"
+        text = (
+            f"**sdbot usage, last {days} day(s)**\n"
+            f"{jobs_total} jobs · {images} images · {gpu:.0f} GPU-seconds · "
+            f"{failures} failed · {refused} refused\n"
+            f"Top members: {top_users}\nTop models: {top_models}"
+        )
+        file = discord.File(io.BytesIO(chart), filename="sdbot_stats.png")
+        await interaction.response.send_message(text, file=file, ephemeral=True)
+
+
+async def setup(bot: SdBot) -> None:
+    await bot.add_cog(Admin(bot))

@@ -1,0 +1,181 @@
+"""Right-click any message with an image: vary it, edit it, inpaint it, or read its parameters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from PIL import Image
+
+from bot import imaging, jobs
+from bot.errors import InvalidRequest
+from bot.generation import input_size, read_image, start_job
+
+if TYPE_CHECKING:
+    from bot.app import SdBot
+
+VARY_STRENGTH = 0.55
+
+
+def first_image(message: discord.Message) -> discord.Attachment:
+    for attachment in message.attachments:
+        if (attachment.content_type or "").startswith("image/"):
+            return attachment
+    raise InvalidRequest("That message has no image attached.")
+
+
+async def stored_parameters(bot: SdBot, attachment: discord.Attachment) -> dict[str, str]:
+    """The image's own generation parameters when it is a PNG that carries them."""
+    if attachment.content_type != "image/png":
+        return {}
+    async with bot.http_session.get(attachment.url) as resp:
+        if resp.status != 200:
+            return {}
+        data = await resp.content.read(int(bot.settings.max_attachment_mb * 1024 * 1024))
+    text = imaging.read_parameters(data) if data.startswith(b"\x89PNG") else None
+    return imaging.parse_parameters(text) if text else {}
+
+
+class ContextMenus(commands.Cog):
+    def __init__(self, bot: SdBot) -> None:
+        self.bot = bot
+        # Context menus cannot live in a cog's class body: made here, removed on unload.
+        self.menus = [
+            app_commands.ContextMenu(name="Vary image", callback=self.vary),
+            app_commands.ContextMenu(name="Edit with prompt", callback=self.edit),
+            app_commands.ContextMenu(name="Inpaint transparent areas", callback=self.inpaint),
+            app_commands.ContextMenu(name="Show parameters", callback=self.show_parameters),
+        ]
+        for menu in self.menus:
+            bot.tree.add_command(menu)
+
+    async def cog_unload(self) -> None:
+        for menu in self.menus:
+            self.bot.tree.remove_command(menu.name, type=menu.type)
+
+    async def _base_params(
+        self,
+        interaction: discord.Interaction,
+        attachment: discord.Attachment,
+        found: dict[str, str],
+    ) -> dict[str, Any]:
+        defaults = await self.bot.defaults_for(interaction.guild_id)
+        entry = self.bot.catalog.resolve(defaults.model)
+        return {
+            "negative_prompt": found.get("negative_prompt", ""),
+            "model": entry.name,
+            "width": entry.native_size,
+            "height": entry.native_size,
+            "steps": defaults.steps,
+            "guidance": defaults.guidance,
+            "scheduler": defaults.scheduler,
+            "source_url": attachment.url,
+        }
+
+    async def _start(
+        self,
+        interaction: discord.Interaction,
+        attachment: discord.Attachment,
+        params: dict[str, Any],
+        command: str,
+    ) -> None:
+        bot = self.bot
+        mode = params["mode"]
+
+        async def load() -> dict[str, Any]:
+            picture = await read_image(bot, attachment.url, keep_alpha=mode == "inpaint")
+            size = input_size(picture.width, picture.height, max(params["width"], params["height"]))
+            params["width"], params["height"] = size
+            out: dict[str, Any] = {
+                "width": size[0],
+                "height": size[1],
+                "init_image": picture.convert("RGB").resize(size, Image.Resampling.LANCZOS),
+            }
+            if mode == "inpaint":
+                out["mask_image"] = imaging.prepare_mask(picture, None, size)
+            return out
+
+        await start_job(interaction, command=command, params=params, load_images=load)
+
+    async def vary(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        attachment = first_image(message)
+        found = await stored_parameters(self.bot, attachment)
+        params = await self._base_params(interaction, attachment, found)
+        params.update(
+            prompt=found.get("prompt") or message.content or "a variation of this image",
+            mode="img2img",
+            strength=VARY_STRENGTH,
+        )
+        await self._start(interaction, attachment, params, "vary")
+
+    async def edit(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        attachment = first_image(message)
+        found = await stored_parameters(self.bot, attachment)
+        await interaction.response.send_modal(PromptModal(self, attachment, found, "img2img"))
+
+    async def inpaint(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        attachment = first_image(message)
+        found = await stored_parameters(self.bot, attachment)
+        await interaction.response.send_modal(PromptModal(self, attachment, found, "inpaint"))
+
+    async def show_parameters(
+        self, interaction: discord.Interaction, message: discord.Message
+    ) -> None:
+        attachment = first_image(message)
+        found = await stored_parameters(self.bot, attachment)
+        if not found:
+            text = f"`{attachment.filename}` carries no generation parameters."
+        else:
+            text = format_parameters_reply(attachment.filename, found)
+        await interaction.response.send_message(text, ephemeral=True)
+
+
+def format_parameters_reply(filename: str, found: dict[str, str]) -> str:
+    lines = [f"**Parameters of `{filename}`**", f"**Prompt:** {found.get('prompt', '')[:1500]}"]
+    if found.get("negative_prompt"):
+        lines.append(f"**Negative prompt:** {found['negative_prompt'][:1000]}")
+    rest = {k: v for k, v in found.items() if k not in ("prompt", "negative_prompt")}
+    if rest:
+        lines.append(" · ".join(f"{k}: {v}" for k, v in rest.items()))
+    return "\n".join(lines)[:2000]
+
+
+class PromptModal(discord.ui.Modal):
+    def __init__(
+        self, cog: ContextMenus, attachment: discord.Attachment, found: dict[str, str], mode: str
+    ) -> None:
+        title = "Edit with a prompt" if mode == "img2img" else "Inpaint transparent areas"
+        super().__init__(title=title, timeout=600)
+        self.cog, self.attachment, self.found, self.mode = cog, attachment, found, mode
+        self.prompt: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
+            label="Prompt", style=discord.TextStyle.paragraph,
+            default=found.get("prompt", "")[:1000], max_length=jobs.MAX_PROMPT_CHARS,
+        )  # fmt: skip
+        self.strength: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
+            label=f"Strength ({jobs.MIN_STRENGTH:g}-{jobs.MAX_STRENGTH:g})",
+            default="0.6" if mode == "img2img" else "0.9", max_length=5,
+        )  # fmt: skip
+        self.add_item(self.prompt)
+        self.add_item(self.strength)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        try:
+            strength = float(self.strength.value)
+        except ValueError:
+            raise InvalidRequest(f"strength {self.strength.value!r} is not a number.") from None
+        params = await self.cog._base_params(interaction, self.attachment, self.found)
+        params.update(prompt=self.prompt.value, mode=self.mode, strength=strength)
+        command = "edit" if self.mode == "img2img" else "inpaint-alpha"
+        await self.cog._start(interaction, self.attachment, params, command)
+
+    async def on_error(  # type: ignore[override]
+        self, interaction: discord.Interaction, error: Exception, /
+    ) -> None:
+        bot: SdBot = interaction.client  # type: ignore[assignment]
+        await bot.report(interaction, error)
+
+
+async def setup(bot: SdBot) -> None:
+    await bot.add_cog(ContextMenus(bot))

@@ -1,0 +1,253 @@
+"""/imagine, /img2img and /inpaint: the member commands that make images."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from PIL import Image
+
+from bot import imaging, jobs
+from bot.errors import SdbotError
+from bot.generation import (
+    check_attachment,
+    check_scheduler,
+    input_size,
+    jsonable,
+    origin_of,
+    parse_loras,
+    parse_size,
+    read_image,
+    start_job,
+)
+from bot.options import (
+    DESCRIBE,
+    DESCRIBE_EDIT,
+    lora_autocomplete,
+    model_autocomplete,
+    scheduler_autocomplete,
+    size_autocomplete,
+)
+
+if TYPE_CHECKING:
+    from bot.app import SdBot
+
+Prompt = app_commands.Range[str, 1, jobs.MAX_PROMPT_CHARS]
+Negative = app_commands.Range[str, 0, jobs.MAX_PROMPT_CHARS]
+Steps = app_commands.Range[int, jobs.MIN_STEPS, jobs.MAX_STEPS]
+Guidance = app_commands.Range[float, jobs.MIN_GUIDANCE, jobs.MAX_GUIDANCE]
+Seed = app_commands.Range[int, 0, jobs.MAX_SEED]
+Count = app_commands.Range[int, 1, jobs.MAX_COUNT]
+Strength = app_commands.Range[float, jobs.MIN_STRENGTH, jobs.MAX_STRENGTH]
+
+
+class Generate(commands.Cog):
+    def __init__(self, bot: SdBot) -> None:
+        self.bot = bot
+
+    async def _params(
+        self,
+        interaction: discord.Interaction,
+        command: str,
+        extra: dict[str, Any],
+        *,
+        prompt: str,
+        negative: str,
+        model: str | None,
+        size: str | None,
+        steps: int | None,
+        guidance: float | None,
+        scheduler: str | None,
+        seed: int | None,
+        count: int,
+        lora: str | None,
+    ) -> dict[str, Any]:
+        """Options over the server's defaults; sizes default to the model's native one.
+
+        A refusal here (unknown model or LoRA, malformed size) is recorded, then raised to
+        the tree's error handler, which answers ephemerally.
+        """
+        given = {
+            "prompt": prompt, "negative_prompt": negative, "model": model, "size": size,
+            "steps": steps, "guidance": guidance, "scheduler": scheduler, "seed": seed,
+            "count": count, "lora": lora, **extra,
+        }  # fmt: skip
+        try:
+            defaults = await self.bot.defaults_for(interaction.guild_id)
+            entry = self.bot.catalog.resolve(model or defaults.model)
+            check_scheduler(scheduler or defaults.scheduler)
+            width = height = entry.native_size
+            if size:
+                width, height = parse_size(size)
+            params: dict[str, Any] = {
+                "prompt": prompt,
+                "negative_prompt": negative,
+                "model": entry.name,
+                "width": width,
+                "height": height,
+                "steps": steps if steps is not None else defaults.steps,
+                "guidance": guidance if guidance is not None else defaults.guidance,
+                "scheduler": scheduler or defaults.scheduler,
+                "count": count,
+                "loras": parse_loras(lora, self.bot.catalog.loras()) if lora else (),
+                **extra,
+            }
+        except SdbotError as exc:
+            origin = origin_of(interaction, command)
+            await self.bot.db.record_rejected(origin, jsonable(given), exc.reason, exc.message)
+            raise
+        if seed is not None:
+            params["seed"] = seed
+        return params
+
+    @app_commands.command(name="imagine", description="Create images from a text prompt")
+    @app_commands.describe(**DESCRIBE)
+    @app_commands.autocomplete(
+        model=model_autocomplete,
+        size=size_autocomplete,
+        scheduler=scheduler_autocomplete,
+        lora=lora_autocomplete,
+    )
+    async def imagine(
+        self,
+        interaction: discord.Interaction,
+        prompt: Prompt,
+        negative: Negative = "",
+        model: str | None = None,
+        size: str | None = None,
+        steps: Steps | None = None,
+        guidance: Guidance | None = None,
+        scheduler: str | None = None,
+        seed: Seed | None = None,
+        count: Count = 1,
+        lora: str | None = None,
+    ) -> None:
+        params = await self._params(
+            interaction, "imagine", {}, prompt=prompt, negative=negative, model=model, size=size,
+            steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, count=count, lora=lora,
+        )  # fmt: skip
+        await start_job(interaction, command="imagine", params=params)
+
+    @app_commands.command(
+        name="img2img", description="Repaint an image you attach, guided by a prompt"
+    )
+    @app_commands.describe(image="The picture to start from", **DESCRIBE, **DESCRIBE_EDIT)
+    @app_commands.autocomplete(
+        model=model_autocomplete,
+        size=size_autocomplete,
+        scheduler=scheduler_autocomplete,
+        lora=lora_autocomplete,
+    )
+    async def img2img(
+        self,
+        interaction: discord.Interaction,
+        image: discord.Attachment,
+        prompt: Prompt,
+        strength: Strength = 0.6,
+        negative: Negative = "",
+        model: str | None = None,
+        size: str | None = None,
+        steps: Steps | None = None,
+        guidance: Guidance | None = None,
+        scheduler: str | None = None,
+        seed: Seed | None = None,
+        count: Count = 1,
+        lora: str | None = None,
+    ) -> None:
+        await self._edit(
+            interaction, "img2img", image, None, strength,
+            prompt=prompt, negative=negative, model=model, size=size, steps=steps,
+            guidance=guidance, scheduler=scheduler, seed=seed, count=count, lora=lora,
+        )  # fmt: skip
+
+    @app_commands.command(
+        name="inpaint",
+        description="Repaint part of an image: the mask's white, or its transparent pixels",
+    )
+    @app_commands.describe(
+        image="The picture; without a mask, its transparent pixels are repainted",
+        mask="Optional black-and-white mask: white is repainted",
+        **DESCRIBE,
+        **DESCRIBE_EDIT,
+    )
+    @app_commands.autocomplete(
+        model=model_autocomplete,
+        size=size_autocomplete,
+        scheduler=scheduler_autocomplete,
+        lora=lora_autocomplete,
+    )
+    async def inpaint(
+        self,
+        interaction: discord.Interaction,
+        image: discord.Attachment,
+        prompt: Prompt,
+        mask: discord.Attachment | None = None,
+        strength: Strength = 0.9,
+        negative: Negative = "",
+        model: str | None = None,
+        size: str | None = None,
+        steps: Steps | None = None,
+        guidance: Guidance | None = None,
+        scheduler: str | None = None,
+        seed: Seed | None = None,
+        count: Count = 1,
+        lora: str | None = None,
+    ) -> None:
+        await self._edit(
+            interaction, "inpaint", image, mask, strength,
+            prompt=prompt, negative=negative, model=model, size=size, steps=steps,
+            guidance=guidance, scheduler=scheduler, seed=seed, count=count, lora=lora,
+        )  # fmt: skip
+
+    async def _edit(
+        self,
+        interaction: discord.Interaction,
+        mode: str,
+        image: discord.Attachment,
+        mask: discord.Attachment | None,
+        strength: float,
+        **options: Any,
+    ) -> None:
+        bot = self.bot
+        extra: dict[str, Any] = {"mode": mode, "strength": strength, "source_url": image.url}
+        if mask is not None:
+            extra["mask_url"] = mask.url
+        try:
+            check_attachment(bot, image, "image")
+            if mask is not None:
+                check_attachment(bot, mask, "mask")
+        except SdbotError as exc:
+            given = jsonable({**options, **extra})
+            await bot.db.record_rejected(
+                origin_of(interaction, mode), given, exc.reason, exc.message
+            )
+            raise
+        params = await self._params(interaction, mode, extra, **options)
+        explicit_size = options.get("size") is not None
+
+        async def load() -> dict[str, Any]:
+            picture = await read_image(bot, image.url, keep_alpha=mode == "inpaint")
+            if explicit_size:
+                size = (params["width"], params["height"])
+            else:
+                native = max(params["width"], params["height"])
+                size = input_size(picture.width, picture.height, native)
+            params["width"], params["height"] = size
+            out: dict[str, Any] = {"width": size[0], "height": size[1]}
+            out["init_image"] = picture.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+            if mode == "inpaint":
+                mask_picture = (
+                    await read_image(bot, mask.url, what="mask") if mask is not None else None
+                )
+                out["mask_image"] = imaging.prepare_mask(
+                    picture if mask_picture is None else None, mask_picture, size
+                )
+            return out
+
+        await start_job(interaction, command=mode, params=params, load_images=load)
+
+
+async def setup(bot: SdBot) -> None:
+    await bot.add_cog(Generate(bot))

@@ -1,0 +1,143 @@
+"""/queue, /cancel, /history, /models and /pnginfo: what members ask about their jobs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import imaging
+from bot.errors import InvalidRequest
+from bot.generation import check_attachment
+from bot.replies import short
+from bot.ui import can_moderate
+from cogs.context_menus import format_parameters_reply
+
+if TYPE_CHECKING:
+    from bot.app import SdBot
+
+STATUS_ICONS = {
+    "queued": "⏳", "running": "🎨", "finished": "✅", "failed": "❌",
+    "rejected": "🚫", "cancelled": "✖️", "interrupted": "⚡",
+}  # fmt: skip
+
+
+def jump_url(guild_id: int | None, channel_id: int | None, message_id: int | None) -> str | None:
+    if not (channel_id and message_id):
+        return None
+    return f"https://discord.com/channels/{guild_id or '@me'}/{channel_id}/{message_id}"
+
+
+class Info(commands.Cog):
+    def __init__(self, bot: SdBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="queue", description="Your jobs and their places in the queue")
+    async def queue(self, interaction: discord.Interaction) -> None:
+        status = self.bot.executor.status()
+        mine = [
+            row for row in await self.bot.db.active_jobs() if row["user_id"] == interaction.user.id
+        ]
+        lines = [f"**Queue:** {status.queue_length} waiting · {len(status.running)} running"]
+        positions = self.bot.executor.positions()
+        for row in mine:
+            where = (
+                "running now"
+                if row["status"] == "running"
+                else f"#{positions.get(row['id'], '?')} in line"
+            )
+            icon = STATUS_ICONS[row["status"]]
+            lines.append(f"{icon} job #{row['id']} — {short(row['prompt'], 60)} — {where}")
+        if not mine:
+            lines.append("You have no jobs waiting.")
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+
+    @app_commands.command(
+        name="cancel", description="Cancel your latest waiting or running job, or one by number"
+    )
+    @app_commands.describe(job="Job number (see /queue); default: your latest")
+    async def cancel(self, interaction: discord.Interaction, job: int | None = None) -> None:
+        if job is None:
+            mine = [
+                row
+                for row in await self.bot.db.active_jobs()
+                if row["user_id"] == interaction.user.id
+            ]
+            if not mine:
+                raise InvalidRequest("You have no jobs waiting or running.")
+            job = int(mine[-1]["id"])
+        row = await self.bot.db.get_job(job)
+        if row is None:
+            raise InvalidRequest(f"There is no job #{job}.")
+        if not can_moderate(interaction, row["user_id"]):
+            raise InvalidRequest("You can only cancel your own jobs.")
+        if not await self.bot.executor.cancel(job):
+            raise InvalidRequest(f"Job #{job} is already {row['status']}.")
+        await interaction.response.send_message(f"✖️ Cancelling job #{job}.", ephemeral=True)
+
+    @app_commands.command(name="history", description="Your latest jobs, with links to the results")
+    @app_commands.describe(user="Someone else's history (moderators only)")
+    async def history(
+        self, interaction: discord.Interaction, user: discord.User | None = None
+    ) -> None:
+        target = user or interaction.user
+        if target.id != interaction.user.id and not can_moderate(interaction, -1):
+            raise InvalidRequest("Only moderators can see other members' history.")
+        rows = await self.bot.db.list_jobs(
+            user_id=target.id, guild_id=interaction.guild_id, limit=10
+        )
+        if not rows:
+            await interaction.response.send_message(
+                f"No jobs for {target.mention} yet.", ephemeral=True
+            )
+            return
+        lines = [f"**Latest jobs of {target.mention}**"]
+        for row in rows:
+            link = jump_url(row["guild_id"], row["channel_id"], row["message_id"])
+            where = f" — [result]({link})" if link and row["status"] == "finished" else ""
+            why = (
+                f" — {short(row['error'], 60)}"
+                if row["error"] and row["status"] != "finished"
+                else ""
+            )
+            lines.append(
+                f"{STATUS_ICONS.get(row['status'], '•')} #{row['id']} {row['command']} "
+                f"“{short(row['prompt'], 50)}” seed {row['seed']}{where}{why}"
+            )
+        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
+
+    @app_commands.command(name="models", description="The models this server can use")
+    async def models(self, interaction: discord.Interaction) -> None:
+        loaded = set(self.bot.executor.status().loaded_models)
+        allowed = await self.bot.allowed_models(interaction.guild_id)
+        lines = ["**Models** (● loaded now)"]
+        for entry in self.bot.catalog.entries:
+            if entry.name not in allowed:
+                continue
+            mark = "●" if entry.name in loaded else "○"
+            lines.append(
+                f"{mark} **{entry.name}** — {entry.native_size}px · {entry.size} · "
+                f"speed {entry.speed} · quality {entry.quality}\n   {short(entry.description, 120)}"
+            )
+        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
+
+    @app_commands.command(
+        name="pnginfo", description="Read the generation parameters stored in a PNG"
+    )
+    @app_commands.describe(
+        image="A PNG made by sdbot, AUTOMATIC1111 or another tool that stores them"
+    )
+    async def pnginfo(self, interaction: discord.Interaction, image: discord.Attachment) -> None:
+        check_attachment(self.bot, image, "image")
+        data = await image.read()
+        text = imaging.read_parameters(data) if data.startswith(b"\x89PNG") else None
+        if not text:
+            raise InvalidRequest(f"`{image.filename}` carries no generation parameters.")
+        reply = format_parameters_reply(image.filename, imaging.parse_parameters(text))
+        await interaction.response.send_message(reply, ephemeral=True)
+
+
+async def setup(bot: SdBot) -> None:
+    await bot.add_cog(Info(bot))

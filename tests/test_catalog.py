@@ -1,0 +1,165 @@
+"""The model catalog: the shipped models.toml, user catalogs, LoRA and embedding folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot import models
+from bot.catalog import BUILTIN_TINY, Catalog, ModelEntry
+from bot.errors import InvalidRequest, SettingsError
+
+SEED_APP_MODELS = {
+    "OFA-Sys/small-stable-diffusion-v0",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "Lykon/DreamShaper",
+    "prompthero/openjourney-v4",
+    "wavymulder/portraitplus",
+    "stabilityai/stable-diffusion-2-1",
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_catalog_lists_the_seed_apps_models_with_tiny_first(tmp_path: Path) -> None:
+    catalog = Catalog.load(None, tmp_path)
+    assert catalog.entries[0].source == BUILTIN_TINY
+    assert catalog.default.name == "tiny"
+    assert {e.source for e in catalog.entries} == SEED_APP_MODELS | {BUILTIN_TINY}
+    for entry in catalog.entries:
+        assert entry.size and entry.speed and entry.quality and entry.description, entry.name
+        expected = 64 if entry.source == BUILTIN_TINY else 512
+        if entry.source == "stabilityai/stable-diffusion-2-1":
+            expected = 768
+        assert entry.native_size == expected, entry.name
+    assert len(set(catalog.names())) == len(catalog.entries)
+
+
+def test_get_is_case_insensitive_and_names_the_choices(tmp_path: Path) -> None:
+    catalog = Catalog.load(None, tmp_path)
+    assert catalog.get("TINY").name == "tiny"
+    with pytest.raises(InvalidRequest) as info:
+        catalog.get("dremshaper")
+    assert info.value.message.startswith("Unknown model 'dremshaper'. Available: tiny, ")
+    assert "dreamshaper" in info.value.message
+
+
+def test_resolve_accepts_names_and_sources(tmp_path: Path) -> None:
+    catalog = Catalog.load(None, tmp_path)
+    # A source already in the catalog maps to its entry (one loaded pipeline for both).
+    assert catalog.resolve(BUILTIN_TINY).name == "tiny"
+    assert catalog.resolve("sd15").source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    adhoc = catalog.resolve("someone/some-model")
+    assert (adhoc.name, adhoc.source, adhoc.native_size) == (
+        "someone/some-model",
+        "someone/some-model",
+        512,
+    )
+    assert catalog.resolve(str(tmp_path / "model.safetensors")).is_single_file
+    with pytest.raises(InvalidRequest, match="Unknown model 'nonsense'"):
+        catalog.resolve("nonsense")
+
+
+def test_resolve_reads_native_size_of_a_local_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    (folder / "unet" / "config.json").write_text('{"sample_size": 96}')
+    (folder / "vae" / "config.json").write_text('{"block_out_channels": [1, 2, 3, 4]}')
+    assert Catalog.load(None, tmp_path).resolve(str(folder)).native_size == 768
+
+
+def test_user_catalog_with_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "mine.safetensors").write_bytes(b"x")
+    path = write(
+        tmp_path,
+        """
+[models.mine]
+source = "ckpt/mine.safetensors"
+config = "configs/sd15"
+native_size = 512
+size = "2 GB"
+
+[models.hub]
+source = "owner/name"
+""",
+    )
+    catalog = Catalog.load(path, tmp_path / "loras")
+    mine = catalog.get("mine")
+    assert mine == ModelEntry(
+        name="mine",
+        source=str(tmp_path / "ckpt" / "mine.safetensors"),
+        native_size=512,
+        size="2 GB",
+        config=str(tmp_path / "configs" / "sd15"),
+    )
+    assert catalog.get("hub").source == "owner/name"  # a Hub id is not a path
+    assert catalog.names() == ["mine", "hub"]
+    assert catalog.embeddings_dir == tmp_path / "loras" / "embeddings"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[models.a\nsource = 1", "is not valid TOML"),
+        ("", "lists no models"),
+        ("title = 'x'\n[models.a]\nsource = 'builtin:tiny'", "unknown top-level keys title"),
+        ("[models.a]\nsize = '1 GB'", "model 'a': `source` is missing"),
+        ("[models.a]\nsource = ''", "model 'a': `source` is missing"),
+        ("[models.a]\nsource = 'x/y'\nsorce = 'x'", "model 'a': unknown field(s) sorce"),
+        ("[models.a]\nsource = 'x/y'\nnative_size = 500", "`native_size` 500 must be a multiple"),
+        ("[models.a]\nsource = 'x/y'\nnative_size = '512'", "`native_size` must be a whole"),
+        ("[models.a]\nsource = 'x/y'\nspeed = 3", "`speed` must be text"),
+        ("[models.a]\nsource = 'x/y'\nconfig = 'c'", "`config` is only for single-file"),
+        ('[models."bad name!"]\nsource = "x/y"', "model 'bad name!': the name must be"),
+        ("models = 3", "lists no models"),
+        ("[models]\na = 3", "model 'a': expected a table"),
+    ],
+)
+def test_malformed_catalog_names_file_and_entry(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(SettingsError) as info:
+        Catalog.load(path, tmp_path)
+    assert str(path) in info.value.message
+    assert message in info.value.message
+
+
+def test_missing_catalog_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"does not exist\. Fix SDBOT_MODELS_FILE"):
+        Catalog.load(tmp_path / "nope.toml", tmp_path)
+
+
+def test_loras_and_embeddings_are_listed_from_their_folders(tmp_path: Path) -> None:
+    loras = tmp_path / "loras"
+    (loras / "embeddings").mkdir(parents=True)
+    for name in ("b-style.safetensors", "A.safetensors", "notes.txt", "old.ckpt"):
+        (loras / name).write_bytes(b"x")
+    (loras / "embeddings" / "bad-hands.pt").write_bytes(b"x")
+    catalog = Catalog.load(None, loras)
+    assert catalog.loras() == ["A", "b-style"]
+    assert catalog.lora_path("b-style") == loras / "b-style.safetensors"
+    assert catalog.embeddings() == ["bad-hands"]
+    with pytest.raises(InvalidRequest, match=r"Unknown LoRA 'old'. Available: A, b-style\."):
+        catalog.lora_path("old")
+    with pytest.raises(InvalidRequest, match="Unknown LoRA"):
+        catalog.lora_path("../loras/A")
+    empty = Catalog.load(None, tmp_path / "none")
+    assert empty.loras() == []
+    with pytest.raises(InvalidRequest, match="no LoRAs are installed"):
+        empty.lora_path("A")
+
+
+def test_models_native_size_delegates_to_the_catalog(tmp_path: Path) -> None:
+    assert models.native_size(BUILTIN_TINY) == 64
+    assert models.native_size("sd21") == 768
+    assert models.native_size("someone/else") == 512
+    custom = Catalog.load(
+        write(tmp_path, "[models.big]\nsource = 'a/b'\nnative_size = 1024"), tmp_path
+    )
+    assert models.native_size("big", custom) == 1024

@@ -1,0 +1,340 @@
+"""The member experience end to end: every command, context menu and button, through the local
+Discord server with the real discord.py client, the tiny model and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import sqlite3
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bot.engine import Engine
+from bot.imaging import read_parameters
+from bot.localdiscord.client import ControlClient
+from bot.localdiscord.harness import Harness, running_bot
+from bot.localdiscord.server import LocalDiscord
+from bot.settings import Settings
+from tests import images
+
+
+def rows(h: Harness) -> list[dict[str, Any]]:
+    with sqlite3.connect(h.settings.db_path) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM jobs ORDER BY id")]
+
+
+def has_image(msg: dict[str, Any]) -> bool:
+    return any((a.get("content_type") or "").startswith("image/") for a in msg["attachments"])
+
+
+def buttons(msg: dict[str, Any]) -> dict[str, str]:
+    """label -> custom_id of a message's buttons."""
+    return {
+        c.get("label") or "": c["custom_id"]
+        for row in msg.get("components") or []
+        for c in row["components"]
+        if c.get("custom_id")
+    }
+
+
+async def result_of(c: ControlClient, interaction_id: str, timeout: float = 90) -> dict[str, Any]:
+    return await c.wait_for_message(
+        lambda m: (
+            has_image(m)
+            and "seed `" in m["content"]
+            and m.get("interaction_metadata", {}).get("id") == interaction_id
+        ),
+        timeout=timeout,
+    )
+
+
+async def ephemeral_reply(c: ControlClient, interaction_id: str, user_id: int) -> dict[str, Any]:
+    msg = await c.wait_for_message(
+        lambda m: (
+            m.get("interaction_metadata", {}).get("id") == interaction_id and bool(m["flags"] & 64)
+        ),
+        viewer=user_id,
+        timeout=30,
+    )
+    return msg
+
+
+async def imagine(c: ControlClient, **options: Any) -> dict[str, Any]:
+    sent = await c.slash("imagine", {"prompt": "a red fox", "steps": 2, **options})
+    return await result_of(c, sent["interaction"]["id"])
+
+
+async def download_image(c: ControlClient, msg: dict[str, Any]) -> Image.Image:
+    return Image.open(io.BytesIO(await c.download(msg["attachments"][0])))
+
+
+# -- /imagine and its result message ------------------------------------------------------------
+
+
+async def test_count_gives_a_grid_and_buttons_per_image(harness: Harness) -> None:
+    c = harness.control
+    msg = await imagine(c, count=4, seed=10, size="64x64")
+    grid = await download_image(c, msg)
+    assert grid.size == (128, 128)
+    assert "`10`–`13`" in msg["content"]
+    assert {"V1", "V2", "V3", "V4", "U1", "U4", "Reroll", "Edit prompt", "Delete"} <= set(
+        buttons(msg)
+    )
+    [row] = rows(harness)
+    assert row["count"] == 4 and row["status"] == "finished" and row["message_id"] == int(msg["id"])
+
+
+async def test_reroll_variation_and_upscale_buttons(harness: Harness) -> None:
+    c = harness.control
+    first = await imagine(c, seed=5, size="64x64")
+    ids = buttons(first)
+
+    reroll = await c.click(first["id"], ids["Reroll"])
+    again = await result_of(c, reroll["interaction"]["id"])
+    assert "a red fox" in again["content"] and "`5`" not in again["content"]
+
+    vary = await c.click(first["id"], ids["V1"])
+    varied = await result_of(c, vary["interaction"]["id"])
+    assert "img2img 0.6" in varied["content"]
+
+    up = await c.click(first["id"], ids["U1"])
+    upscaled = await result_of(c, up["interaction"]["id"])
+    assert (await download_image(c, upscaled)).size == (128, 128)
+
+    assert [(r["command"], r["mode"], r["status"]) for r in rows(harness)] == [
+        ("imagine", "txt2img", "finished"),
+        ("reroll", "txt2img", "finished"),
+        ("vary", "img2img", "finished"),
+        ("upscale", "img2img", "finished"),
+    ]
+
+
+async def test_edit_prompt_opens_a_prefilled_modal_and_runs_the_new_prompt(
+    harness: Harness,
+) -> None:
+    c = harness.control
+    first = await imagine(c, seed=3)
+    click = await c.click(first["id"], buttons(first)["Edit prompt"])
+    modal = click["interaction"]["modal"]
+    assert modal is not None and modal["title"] == "Edit the prompt"
+    prefilled = modal["components"][0]["components"][0]
+    assert prefilled["value"] == "a red fox"
+    sent = await c.submit_modal(click["interaction"]["id"], {prefilled["custom_id"]: "a blue fox"})
+    edited = await result_of(c, sent["interaction"]["id"])
+    assert "a blue fox" in edited["content"] and "`3`" in edited["content"]
+
+
+async def test_only_the_owner_or_a_moderator_may_delete(harness: Harness) -> None:
+    c = harness.control
+    first = await imagine(c)
+    other = await c.add_user("someone")
+    refused = await c.click(first["id"], buttons(first)["Delete"], user_id=other)
+    reply = await ephemeral_reply(c, refused["interaction"]["id"], other)
+    assert "Only the person who asked" in reply["content"]
+    assert first["id"] in [m["id"] for m in await c.messages()]
+    await c.click(first["id"], buttons(first)["Delete"])  # the owner
+    for _ in range(100):
+        if first["id"] not in [m["id"] for m in await c.messages()]:
+            break
+        await asyncio.sleep(0.05)
+    assert first["id"] not in [m["id"] for m in await c.messages()]
+
+
+async def test_buttons_work_after_the_bot_restarts(settings: Settings, engine: Engine) -> None:
+    server = LocalDiscord()
+    await server.start()
+    try:
+        async with running_bot(settings, engine=engine, server=server) as before:
+            first = await imagine(before.control, seed=77)
+        # A new process would have nothing in memory: the button must rebuild from the job row.
+        async with running_bot(settings, engine=engine, server=server) as after:
+            click = await after.control.click(first["id"], buttons(first)["Reroll"])
+            again = await result_of(after.control, click["interaction"]["id"])
+            assert "a red fox" in again["content"]
+            assert [r["command"] for r in rows(after)] == ["imagine", "reroll"]
+    finally:
+        await server.close()
+
+
+# -- progress, cancel ---------------------------------------------------------------------------
+
+
+async def test_progress_then_cancel_a_running_job_with_its_button(harness: Harness) -> None:
+    c = harness.control
+    sent = await c.slash("imagine", {"prompt": "slow", "steps": 150, "size": "256x256"})
+    original = sent["interaction"]["original_message_id"]
+    msg = await c.wait_for_message(
+        lambda m: m["id"] == original and "step" in m["content"], timeout=60
+    )
+    assert re.search(r"step \d+/150", msg["content"])
+    await c.click(original, buttons(msg)["Cancel"])
+    for _ in range(300):
+        if rows(harness)[0]["status"] == "cancelled":
+            break
+        await asyncio.sleep(0.05)
+    assert rows(harness)[0]["status"] == "cancelled"
+
+
+async def test_cancel_a_queued_job_with_the_command(harness: Harness) -> None:
+    c = harness.control
+    await c.slash("imagine", {"prompt": "blocker", "steps": 100, "size": "256x256"})
+    waiting = await c.slash("imagine", {"prompt": "waiting", "steps": 1})
+    await asyncio.sleep(0.2)
+    queue = await c.slash("queue")
+    member = await c.member_id()
+    listing = await ephemeral_reply(c, queue["interaction"]["id"], member)
+    assert "#1 in line" in listing["content"] and "waiting" in listing["content"]
+    cancel = await c.slash("cancel")
+    reply = await ephemeral_reply(c, cancel["interaction"]["id"], member)
+    assert "Cancelling job #2" in reply["content"]
+    assert {r["prompt"]: r["status"] for r in rows(harness)}["waiting"] == "cancelled"
+    assert waiting["interaction"]["callback_type"] == 5
+
+
+# -- img2img / inpaint --------------------------------------------------------------------------
+
+
+async def test_img2img_keeps_the_aspect_of_the_attachment(harness: Harness) -> None:
+    c = harness.control
+    att = await c.upload(images.photo((192, 128)), "photo.png")
+    sent = await c.slash("img2img", {"image": att["id"], "prompt": "make it night", "steps": 2})
+    result = await result_of(c, sent["interaction"]["id"])
+    assert (await download_image(c, result)).size == (96, 64)
+    assert rows(harness)[0]["mode"] == "img2img"
+
+
+async def test_inpaint_with_transparency_and_with_a_mask(harness: Harness) -> None:
+    c = harness.control
+    holed = await c.upload(images.with_hole(), "hole.png")
+    sent = await c.slash("inpaint", {"image": holed["id"], "prompt": "a window", "steps": 2})
+    await result_of(c, sent["interaction"]["id"])
+    photo = await c.upload(images.photo((64, 64)), "p.png")
+    mask = await c.upload(images.mask((64, 64)), "m.png")
+    sent = await c.slash(
+        "inpaint", {"image": photo["id"], "mask": mask["id"], "prompt": "sky", "steps": 2}
+    )
+    await result_of(c, sent["interaction"]["id"])
+    assert [(r["mode"], r["status"]) for r in rows(harness)] == [("inpaint", "finished")] * 2
+
+
+@pytest.mark.parametrize(
+    ("command", "payload", "expected"),
+    [
+        ("img2img", (b"just text", "notes.txt", "text/plain"), "must be an image"),
+        ("img2img", (b"\x89PNG\r\n\x1a\n\x00\x00", "broken.png", "image/png"), "image"),
+        ("inpaint", (images.photo((64, 64)), "opaque.png", "image/png"), "transparent"),
+    ],
+)
+async def test_bad_attachments_are_refused_ephemerally(
+    harness: Harness, command: str, payload: tuple[bytes, str, str], expected: str
+) -> None:
+    c = harness.control
+    att = await c.upload(payload[0], payload[1], payload[2])
+    sent = await c.slash(command, {"image": att["id"], "prompt": "x", "steps": 1})
+    reply = await ephemeral_reply(c, sent["interaction"]["id"], await c.member_id())
+    assert expected in reply["content"].lower() or expected in reply["content"]
+    [row] = rows(harness)
+    assert row["status"] == "rejected" and row["error"]
+    await imagine(c)  # the bot keeps serving
+
+
+# -- context menus ------------------------------------------------------------------------------
+
+
+async def test_context_menus_on_any_image(harness: Harness) -> None:
+    c = harness.control
+    member = await c.member_id()
+    att = await c.upload(images.photo((64, 64)), "cat.png")
+    posted = await c.post_message("my cat", [att])
+
+    vary = await c.context_menu("Vary image", posted["id"])
+    varied = await result_of(c, vary["interaction"]["id"])
+    assert "my cat" in varied["content"]
+
+    info = await c.context_menu("Show parameters", varied["id"])
+    shown = await ephemeral_reply(c, info["interaction"]["id"], member)
+    assert "**Prompt:** my cat" in shown["content"] and "Seed: " in shown["content"]
+
+    edit = await c.context_menu("Edit with prompt", posted["id"])
+    modal = edit["interaction"]["modal"]
+    fields = [row["components"][0]["custom_id"] for row in modal["components"]]
+    sent = await c.submit_modal(edit["interaction"]["id"], {fields[0]: "a tiger", fields[1]: "0.5"})
+    edited = await result_of(c, sent["interaction"]["id"])
+    assert "a tiger" in edited["content"] and "img2img 0.5" in edited["content"]
+
+    holed = await c.upload(images.with_hole(), "hole.png")
+    posted_hole = await c.post_message("", [holed])
+    inpaint = await c.context_menu("Inpaint transparent areas", posted_hole["id"])
+    fields = [
+        row["components"][0]["custom_id"] for row in inpaint["interaction"]["modal"]["components"]
+    ]
+    sent = await c.submit_modal(inpaint["interaction"]["id"], {fields[0]: "a door"})
+    await result_of(c, sent["interaction"]["id"])
+    assert [r["mode"] for r in rows(harness)] == ["img2img", "img2img", "inpaint"]
+
+
+# -- info commands ------------------------------------------------------------------------------
+
+
+async def test_history_models_pnginfo_and_autocomplete(harness: Harness) -> None:
+    c = harness.control
+    member = await c.member_id()
+    result = await imagine(c, seed=99)
+
+    hist = await c.slash("history")
+    reply = await ephemeral_reply(c, hist["interaction"]["id"], member)
+    assert (
+        "seed 99" in reply["content"]
+        and "[result](https://discord.com/channels/" in reply["content"]
+    )
+
+    models = await c.slash("models")
+    reply = await ephemeral_reply(c, models["interaction"]["id"], member)
+    assert "● **tiny**" in reply["content"] and "Stable Diffusion" in reply["content"]
+
+    png = await c.download(result["attachments"][0])
+    att = await c.upload(png, "result.png", "image/png")
+    info = await c.slash("pnginfo", {"image": att["id"]})
+    reply = await ephemeral_reply(c, info["interaction"]["id"], member)
+    assert "a red fox" in reply["content"] and "Seed: 99" in reply["content"]
+    assert read_parameters(png) is not None
+
+    models_suggested = [
+        ch["value"] for ch in await c.autocomplete("imagine", "model", {"prompt": "x"})
+    ]
+    assert "tiny" in models_suggested
+    schedulers = [
+        ch["value"] for ch in await c.autocomplete("imagine", "scheduler", {"scheduler": "eul"})
+    ]
+    assert "Euler" in schedulers and "Euler a" in schedulers
+    sizes = [ch["value"] for ch in await c.autocomplete("imagine", "size", {})]
+    assert sizes[0] == "64x64"
+
+
+# -- Discord's limits ---------------------------------------------------------------------------
+
+
+async def test_an_expired_token_posts_the_result_in_the_channel(harness: Harness) -> None:
+    c = harness.control
+    sent = await c.slash("imagine", {"prompt": "patience", "steps": 40, "size": "192x192"})
+    await c.expire(sent["interaction"]["id"])
+    member = await c.member_id()
+    msg = await c.wait_for_message(
+        lambda m: has_image(m) and "patience" in m["content"], timeout=90
+    )
+    assert "interaction_metadata" not in msg and f"<@{member}>" in msg["content"]
+    assert rows(harness)[0]["status"] == "finished"
+
+
+async def test_results_over_the_upload_limit_are_reencoded(
+    settings: Settings, engine: Engine
+) -> None:
+    async with running_bot(settings, engine=engine, upload_limit=60_000) as h:
+        msg = await imagine(h.control, size="512x512", seed=1)
+        att = msg["attachments"][0]
+        assert att["size"] <= 60_000 and att["content_type"] in ("image/webp", "image/jpeg")
+        assert "upload limit" in msg["content"]

@@ -1,0 +1,203 @@
+"""Model loading: single-file checkpoints, the LRU of loaded models, load records."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from bot.catalog import BUILTIN_TINY, BUILTIN_TINY_INPAINT, Catalog
+from bot.engine import Engine, LoadRecord
+from bot.errors import InvalidRequest, ModelLoadError
+from bot.jobs import GenerationRequest
+from bot.tiny_model import (
+    TINY_MODEL_DIRNAME,
+    ensure_tiny_model,
+    write_config_folder,
+    write_single_file,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; threads only spin when the CPU is shared
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A catalog with the tiny model as a checkpoint file (+ weightless config) and a copy."""
+    root = tmp_path_factory.mktemp("models")
+    tiny = ensure_tiny_model(model_cache)
+    write_single_file(tiny, root / "tiny.safetensors")
+    write_config_folder(tiny, root / "tiny-config")
+    shutil.copytree(tiny, root / "copy")
+    (root / "models.toml").write_text(
+        f"""
+[models.tiny]
+source = "{BUILTIN_TINY}"
+native_size = 64
+
+[models.checkpoint]
+source = "tiny.safetensors"
+config = "tiny-config"
+native_size = 64
+
+[models.inpainting]
+source = "{BUILTIN_TINY_INPAINT}"
+native_size = 64
+
+[models.copy]
+source = "copy"
+native_size = 64
+
+[models.missing]
+source = "does-not-exist/model.safetensors"
+""",
+        encoding="utf-8",
+    )
+    return root
+
+
+def new_engine(model_cache: Path, files: Path, **kwargs: object) -> Engine:
+    catalog = Catalog.load(files / "models.toml", files / "loras")
+    return Engine(device="cpu", dtype="float32", cache_dir=model_cache, catalog=catalog, **kwargs)  # type: ignore[arg-type]
+
+
+def make(model: str, **overrides: object) -> GenerationRequest:
+    fields: dict[str, object] = {
+        "prompt": "a red fox in snow",
+        "model": model,
+        "width": 64,
+        "height": 64,
+        "steps": 3,
+        "seed": 11,
+    }
+    fields.update(overrides)
+    return GenerationRequest(**fields)  # type: ignore[arg-type]
+
+
+def test_single_file_checkpoint_round_trip_offline(model_cache: Path, files: Path) -> None:
+    """The tiny model written in the original single-file layout loads with from_single_file
+    (configs from a weightless local folder, nothing fetched) and gives the same image."""
+    assert not list((files / "tiny-config").rglob("*.safetensors"))
+    engine = new_engine(model_cache, files, max_loaded=2)
+    original = engine.load("tiny")
+    checkpoint = engine.load("checkpoint")
+    assert checkpoint is not original
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(original, name).state_dict(), getattr(checkpoint, name).state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    for mode in ("txt2img", "img2img"):
+        extra: dict[str, object] = {}
+        if mode == "img2img":
+            from PIL import Image
+
+            extra = {"mode": mode, "init_image": Image.new("RGB", (64, 64), (90, 140, 200))}
+        want = engine.generate([make("tiny", **extra)])[0].images[0].tobytes()
+        got = engine.generate([make("checkpoint", **extra)])[0].images[0].tobytes()
+        assert got == want, mode
+
+
+def test_single_file_errors_say_what_is_missing(
+    model_cache: Path, files: Path, tmp_path: Path
+) -> None:
+    engine = new_engine(model_cache, files)
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors` of model `missing` does not"):
+        engine.load("missing")
+    bad_config = tmp_path / "models.toml"
+    bad_config.write_text(
+        f'[models.c]\nsource = "{files / "tiny.safetensors"}"\nconfig = "{tmp_path}"\n'
+    )
+    other = Engine(
+        device="cpu",
+        dtype="float32",
+        cache_dir=model_cache,
+        catalog=Catalog.load(bad_config, tmp_path),
+    )
+    with pytest.raises(ModelLoadError, match="is not a diffusers folder"):
+        other.load("c")
+
+
+def test_least_recently_used_model_is_evicted(model_cache: Path, files: Path) -> None:
+    records: list[LoadRecord] = []
+    engine = new_engine(model_cache, files, max_loaded=2, on_load=records.append)
+    assert engine.loaded_models == []
+    engine.load("tiny")
+    engine.load("copy")
+    assert engine.loaded_models == ["tiny", "copy"]
+    engine.load("tiny")  # used again: now the most recent
+    assert engine.loaded_models == ["copy", "tiny"]
+    engine.load("inpainting")  # evicts "copy", the least recently used
+    assert engine.loaded_models == ["tiny", "inpainting"]
+    assert not engine.is_loaded("copy")
+    assert engine.is_loaded("tiny") and engine.is_loaded(BUILTIN_TINY)  # a source finds it too
+    assert engine.is_loaded("unknown-name") is False
+    # Reloading an evicted model works and counts as a new load.
+    engine.generate([make("copy")])
+    assert engine.loaded_models == ["inpainting", "copy"]
+    assert [(r.model, r.ok) for r in records] == [
+        ("tiny", True),
+        ("copy", True),
+        ("inpainting", True),
+        ("copy", True),
+    ]
+
+
+def test_load_records_for_ok_and_failed_loads(
+    model_cache: Path, files: Path, tmp_path: Path
+) -> None:
+    records: list[LoadRecord] = []
+    engine = new_engine(model_cache, files, on_load=records.append)
+    engine.load("tiny")
+    ok = records[-1]
+    assert (ok.model, ok.source, ok.ok, ok.error) == ("tiny", BUILTIN_TINY, True, None)
+    assert ok.seconds > 0
+    assert ok.memory_mb is not None and 0.1 < ok.memory_mb < 50
+    engine.load("tiny")  # already loaded: no new record
+    assert len(records) == 1
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_cache / TINY_MODEL_DIRNAME, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelLoadError):
+        engine.load(str(broken))
+    failed = records[-1]
+    assert (failed.model, failed.source, failed.ok, failed.memory_mb) == (
+        str(broken),
+        str(broken),
+        False,
+        None,
+    )
+    assert failed.error is not None and str(broken) in failed.error
+    with pytest.raises(ModelLoadError):
+        engine.load("missing")
+    assert records[-1].model == "missing" and not records[-1].ok
+
+    # A failing callback never fails the load itself.
+    def explode(record: LoadRecord) -> None:
+        raise RuntimeError("database is gone")
+
+    engine.on_load = explode
+    assert engine.load("copy") is not None
+
+
+def test_unknown_model_name_is_an_invalid_request(model_cache: Path, files: Path) -> None:
+    engine = new_engine(model_cache, files)
+    with pytest.raises(InvalidRequest, match=r"Unknown model 'tiyn'\. Available: tiny, checkpoint"):
+        engine.load("tiyn")
+    with pytest.raises(InvalidRequest, match="Unknown model"):
+        engine.generate([make("tiyn")])
+
+
+def test_max_loaded_must_be_positive(model_cache: Path) -> None:
+    from bot.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="max_loaded must be at least 1"):
+        Engine(device="cpu", cache_dir=model_cache, max_loaded=0)
