@@ -398,8 +398,17 @@ async def run(args: argparse.Namespace) -> tuple[list[Row], str]:
     with tempfile.TemporaryDirectory(prefix="sdbot-bench-") as tmp:
         db = await Database.open(Path(tmp) / "bench.db")
         try:
-            engine = Engine(device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
-            where = f"{engine.device} ({str(engine.dtype).removeprefix('torch.')})"
+            exact = {"auto": None, "on": True, "off": False}[args.exact_batches]
+            engine = Engine(
+                device=args.device,
+                dtype=args.dtype,
+                cache_dir=args.cache_dir,
+                exact_batches=exact,
+            )
+            where = (
+                f"{engine.device} ({str(engine.dtype).removeprefix('torch.')}, "
+                f"exact_batches={engine.exact_batches})"
+            )
             bench = Bench(args, engine, db)
             rows: list[Row] = []
             async with bench.executor() as ex:
@@ -533,6 +542,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         default=Path("data/cache"),
         help="where models are cached / the tiny model is built (default: data/cache)",
+    )
+    p.add_argument(
+        "--exact-batches",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the engine's bit-exact batching (auto: on except on CUDA)",
     )
     p.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -96,6 +97,8 @@ class SdBot(commands.Bot):
         self.executor = executor
         self.catalog = catalog
         self.guild_configs = GuildConfigs(db)
+        self.interrupted: list[Any] = []  # job rows a crash left unfinished (see tell_interrupted)
+        self._notice_task: asyncio.Task[None] | None = None
         self.force_sync = sync
         self.http_session: aiohttp.ClientSession = None  # type: ignore[assignment]  # setup_hook
         self.tree.on_error = self.on_app_command_error  # type: ignore[method-assign]
@@ -139,7 +142,31 @@ class SdBot(commands.Bot):
         names = self.catalog.names()
         return [n for n in names if n in config.allowed_models] if config.allowed_models else names
 
+    async def tell_interrupted(self) -> None:
+        """After a crash, tell each owner their job was lost, with a button to run it again."""
+        from bot.replies import short
+        from bot.ui import JobButton
+
+        rows, self.interrupted = self.interrupted, []
+        for row in rows:
+            if not row["channel_id"]:
+                continue
+            view = discord.ui.View(timeout=None)
+            view.add_item(JobButton("reroll", row["id"], label="Run it again", emoji="🔁"))
+            text = (
+                f"<@{row['user_id']}> sdbot restarted before job #{row['id']} "
+                f"(“{short(row['prompt'], 80)}”) finished, so it was not run."
+            )
+            try:
+                await self.get_partial_messageable(row["channel_id"]).send(text, view=view)
+            except discord.HTTPException as exc:
+                log.warning(
+                    "could not tell user %s about job %s: %s", row["user_id"], row["id"], exc
+                )
+
     async def on_ready(self) -> None:
+        if self.interrupted:
+            self._notice_task = asyncio.create_task(self.tell_interrupted())
         log.info(
             "connected as %s (%s) to %d guild(s)", self.user, self.application_id, len(self.guilds)
         )

@@ -273,16 +273,21 @@ class Database:
         await self.conn.execute("UPDATE jobs SET message_id=? WHERE id=?", (message_id, job_id))
         await self.conn.commit()
 
-    async def interrupt_unfinished(self) -> int:
-        """Close out rows a previous process left queued/running (a crash or kill -9)."""
-        cur = await self.conn.execute(
+    async def interrupt_unfinished(self) -> list[aiosqlite.Row]:
+        """Close out rows a previous process left queued/running (a crash or kill -9);
+        returns them so their owners can be told."""
+        async with self.conn.execute(
+            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY id"
+        ) as cur:
+            stale = list(await cur.fetchall())
+        await self.conn.execute(
             """UPDATE jobs SET status='interrupted', reason='restart',
                    error='The bot restarted before this job finished.', finished_at=?
                WHERE status IN ('queued', 'running')""",
             (utcnow(),),
         )
         await self.conn.commit()
-        return cur.rowcount
+        return stale
 
     async def record_model_load(
         self,

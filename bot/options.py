@@ -75,7 +75,9 @@ async def size_autocomplete(
     namespace_model = getattr(interaction.namespace, "model", None)
     defaults = await bot.defaults_for(interaction.guild_id)
     try:
-        native = bot.catalog.resolve(namespace_model or defaults.model).native_size
+        catalog = bot.catalog
+        entry = catalog.get(namespace_model) if namespace_model else catalog.resolve(defaults.model)
+        native = entry.native_size
     except Exception:
         native = 512
     return _matching(size_suggestions(native), current)

@@ -32,7 +32,7 @@ async def bot_resources(
     try:
         stale = await db.interrupt_unfinished()
         if stale:
-            log.warning("%d job(s) from a previous run were marked interrupted", stale)
+            log.warning("%d job(s) from a previous run were marked interrupted", len(stale))
         if settings.retention_days:
             cutoff = datetime.now(UTC) - timedelta(days=settings.retention_days)
             pruned = await db.prune(
@@ -55,7 +55,7 @@ async def bot_resources(
         executor.engine.on_load = executor.load_recorder()
         await executor.start()
         try:
-            yield SdBot(
+            bot = SdBot(
                 settings=settings,
                 db=db,
                 executor=executor,
@@ -63,6 +63,8 @@ async def bot_resources(
                 sync=sync,
                 **bot_options,
             )
+            bot.interrupted = stale
+            yield bot
         finally:
             await executor.close()
     finally:

@@ -76,7 +76,10 @@ class Generate(commands.Cog):
         }  # fmt: skip
         try:
             defaults = await self.bot.defaults_for(interaction.guild_id)
-            entry = self.bot.catalog.resolve(model or defaults.model)
+            # A member may only name catalog models; the owner's default may be any source.
+            entry = (
+                self.bot.catalog.get(model) if model else self.bot.catalog.resolve(defaults.model)
+            )
             check_scheduler(scheduler or defaults.scheduler)
             width = height = entry.native_size
             if size:

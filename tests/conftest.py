@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from bot.engine import Engine
 from bot.localdiscord.harness import Harness, running_bot
@@ -13,6 +14,9 @@ from bot.settings import Settings, load_settings
 # Tests never read a developer's .env or reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One intra-op thread: the tiny model gains nothing from two, and the other core stays free for
+# the event loop and the local Discord server the tests drive (as a real deployment's would be).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

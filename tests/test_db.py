@@ -50,7 +50,7 @@ async def test_rows_left_by_a_crash_become_interrupted(tmp_path: Path) -> None:
         done = await db.create_job(ORIGIN, {"prompt": "c"})
         await db.mark_done(done, "finished")
     async with await Database.open(path) as db:
-        assert await db.interrupt_unfinished() == 2
+        assert [r["id"] for r in await db.interrupt_unfinished()] == [queued, running]
         statuses = {r["id"]: r["status"] for r in await db.list_jobs()}
     assert statuses == {queued: "interrupted", running: "interrupted", done: "finished"}
 

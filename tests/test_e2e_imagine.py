@@ -38,9 +38,11 @@ async def result_for(
 ) -> dict[str, Any]:
     """The public message carrying the PNG for one interaction."""
     return await control.wait_for_message(
-        lambda m: has_png(m)
-        and "seed `" in m["content"]
-        and m.get("interaction_metadata", {}).get("id") == interaction_id,
+        lambda m: (
+            has_png(m)
+            and "seed `" in m["content"]
+            and m.get("interaction_metadata", {}).get("id") == interaction_id
+        ),
         timeout=timeout,
     )
 
