@@ -18,7 +18,7 @@ from discord.ext import commands
 
 from bot.catalog import Catalog
 from bot.db import Database
-from bot.errors import SdbotError, SettingsError
+from bot.errors import InvalidRequest, SdbotError, SettingsError
 from bot.executor import GpuExecutor
 from bot.guild_config import GuildConfigs
 from bot.settings import Settings
@@ -163,6 +163,16 @@ class SdBot(commands.Bot):
                 log.warning(
                     "could not tell user %s about job %s: %s", row["user_id"], row["id"], exc
                 )
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Answer clicks on components that are not ours (another bot's id, a forged one):
+        Discord would otherwise show the member a bare "This interaction failed"."""
+        if interaction.type is not discord.InteractionType.component:
+            return
+        data: Any = interaction.data or {}
+        if not str(data.get("custom_id", "")).startswith("sdbot:"):
+            error = InvalidRequest("That button isn't one of sdbot's, or it expired.")
+            await self.report(interaction, error)
 
     async def on_ready(self) -> None:
         if self.interrupted:

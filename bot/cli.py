@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--guidance", type=float, default=7.0)
     gen.add_argument("--seed", type=int, default=None)
+    sub.add_parser(
+        "bench",
+        help="benchmarks: `bench executor [...]`, `bench load [...]`, or both with no argument",
+    )
     tiny = sub.add_parser("tiny-model", help="write the tiny random-weight test model to DIR")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--inpainting", action="store_true", help="the 9-channel inpainting variant")
@@ -216,6 +220,9 @@ def _tiny_model(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
         settings = load_settings()
@@ -246,3 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _bench(argv: list[str]) -> int:
+    """`sdbot bench [executor|load] [options]`: the scheduler figures and the load test."""
+    from bench import executor_bench, load_bench
+
+    if argv[:1] == ["executor"]:
+        return executor_bench.main(argv[1:])
+    if argv[:1] == ["load"]:
+        return load_bench.main(argv[1:])
+    return executor_bench.main(argv) | load_bench.main([])

@@ -38,9 +38,8 @@ class Spec:
             try:
                 value: Any = self.kind(text)
             except ValueError:
-                raise InvalidRequest(
-                    f"{key} must be a {self.kind.__name__}, not {text!r}."
-                ) from None
+                kind = "a whole number" if self.kind is int else "a number"
+                raise InvalidRequest(f"{key} must be {kind}, not {text!r}.") from None
             if (self.minimum is not None and value < self.minimum) or (
                 self.maximum is not None and value > self.maximum
             ):

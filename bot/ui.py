@@ -82,9 +82,9 @@ class JobButton(
                 raise InvalidRequest(
                     "Only the person who started this job (or a moderator) can cancel it."
                 )
-            cancelled = await bot.executor.cancel(self.job_id)
-            text = "Cancelling…" if cancelled else "That job has already finished."
-            await interaction.response.send_message(text, ephemeral=True)
+            if not await bot.executor.cancel(self.job_id):
+                raise InvalidRequest(f"Job #{self.job_id} has already finished.")
+            await interaction.response.send_message("Cancelling…", ephemeral=True)
         elif self.action == "delete":
             if not can_moderate(interaction, row["user_id"]):
                 raise InvalidRequest(

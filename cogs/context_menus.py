@@ -126,10 +126,9 @@ class ContextMenus(commands.Cog):
         attachment = first_image(message)
         found = await stored_parameters(self.bot, attachment)
         if not found:
-            text = f"`{attachment.filename}` carries no generation parameters."
-        else:
-            text = format_parameters_reply(attachment.filename, found)
-        await interaction.response.send_message(text, ephemeral=True)
+            raise InvalidRequest(f"`{attachment.filename}` carries no generation parameters.")
+        reply = format_parameters_reply(attachment.filename, found)
+        await interaction.response.send_message(reply, ephemeral=True)
 
 
 def format_parameters_reply(filename: str, found: dict[str, str]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from bot.localdiscord.harness import Harness
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
@@ -47,6 +49,22 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
+def click_button(browser: webdriver.Chrome, label: str, *, last: bool = False) -> None:
+    """Click a message button by its label; the page may re-render under us, so retry."""
+    for _ in range(20):
+        try:
+            found = [
+                b for b in browser.find_elements(By.CSS_SELECTOR, ".msg button") if label in b.text
+            ]
+            if found:
+                (found[-1] if last else found[0]).click()
+                return
+        except StaleElementReferenceException:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no {label!r} button")
+
+
 async def test_imagine_and_a_button_in_the_playground_page(
     harness: Harness, browser: webdriver.Chrome
 ) -> None:
@@ -66,18 +84,10 @@ async def test_imagine_and_a_button_in_the_playground_page(
         assert image.get_attribute("naturalWidth") == "64"
         assert "seed 42 ·" in browser.find_element(By.ID, "log").text
         # Click Reroll: a second image appears.
-        reroll = next(
-            b for b in browser.find_elements(By.CSS_SELECTOR, ".msg button") if "Reroll" in b.text
-        )
-        reroll.click()
+        click_button(browser, "Reroll")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg img")) >= 2)
         # Edit prompt opens a modal, prefilled; submit a new prompt.
-        edit = next(
-            b
-            for b in browser.find_elements(By.CSS_SELECTOR, ".msg button")
-            if "Edit prompt" in b.text
-        )
-        edit.click()
+        click_button(browser, "Edit prompt")
         area = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#modal textarea")))
         assert area.get_attribute("value") == "a red fox in snow"
         area.clear()

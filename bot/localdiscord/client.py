@@ -131,9 +131,15 @@ class ControlClient:
         *,
         user_id: int | None = None,
         channel_id: int | None = None,
+        buttons: list[str] | None = None,
+        as_bot: bool = False,
     ) -> dict[str, Any]:
+        """Post a message as a user, or with as_bot one the bot could have sent in the past."""
+        row = [{"type": 2, "style": 2, "label": cid, "custom_id": cid} for cid in buttons or []]
         body = {
             "content": content,
+            "components": [{"type": 1, "components": row}] if row else [],
+            "as_bot": as_bot,
             "attachment_ids": [a["id"] for a in attachments or []],
             "user_id": str(user_id or await self.member_id()),
             "channel_id": str(channel_id or await self.default_channel()),

@@ -649,9 +649,10 @@ class LocalDiscord:
         body = await request.json()
         user, channel_id = self._user_and_channel(body)
         files = [self.world.attachments[int(a)] for a in body.get("attachment_ids") or []]
-        msg = self.world.create_message(
-            channel_id, user, {"content": body.get("content", "")}, files
-        )
+        # as_bot plants a message the bot could have sent long ago (e.g. by an older version).
+        author = self.world.bot if body.get("as_bot") else user
+        payload = {"content": body.get("content", ""), "components": body.get("components") or []}
+        msg = self.world.create_message(channel_id, author, payload, files)
         return _json(public(msg))
 
     async def c_interaction(self, request: web.Request) -> web.Response:
