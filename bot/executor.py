@@ -34,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar, cast
 
-from bot import imaging
 from bot.backend import (
     BackendStatus,
     Event,
@@ -60,7 +59,7 @@ from bot.errors import (
     QueueFull,
     SdbotError,
 )
-from bot.imaging import encode_png, format_parameters
+from bot.imaging import encode_png, make_grid, request_parameters
 from bot.jobs import GenerationRequest
 
 if TYPE_CHECKING:
@@ -807,7 +806,8 @@ class GpuExecutor(ImageBackend, Generic[E]):
         pictures = [image for _, result in results for image in result.images]
         seeds = [seed for _, result in results for seed in result.seeds]
         nsfw = [flag for _, result in results for flag in result.nsfw]
-        parameters = [_parameters(job.request, seed, results[0][1].sampler) for seed in seeds]
+        sampler = results[0][1].sampler
+        parameters = [request_parameters(job.request, seed=s, sampler=sampler) for s in seeds]
         try:
             pngs, grid = await asyncio.to_thread(_encode_all, pictures, parameters)
         except Exception as exc:
@@ -934,24 +934,6 @@ def _split_images(part: _Part) -> list[_Part]:
     ]
 
 
-def _parameters(req: GenerationRequest, seed: int, sampler: str) -> str:
-    extra: dict[str, object] = {}
-    if req.mode != "txt2img":
-        extra["Denoising strength"] = f"{req.strength:g}"
-    return format_parameters(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        steps=req.steps,
-        sampler=sampler,
-        guidance=req.guidance,
-        seed=seed,
-        width=req.width,
-        height=req.height,
-        model=req.model,
-        extra=extra,
-    )
-
-
 def _encode_all(
     images: Sequence[Image.Image], parameters: Sequence[str]
 ) -> tuple[list[bytes], bytes | None]:
@@ -959,26 +941,8 @@ def _encode_all(
     grid = None
     if len(images) > 1:
         # A1111 labels a grid with its first image's parameters.
-        grid = encode_png(_make_grid(images), parameters[0])
+        grid = encode_png(make_grid(images), parameters[0])
     return pngs, grid
-
-
-def _make_grid(images: Sequence[Image.Image]) -> Image.Image:
-    make_grid: Callable[[Sequence[Image.Image]], Image.Image] | None = getattr(
-        imaging, "make_grid", None
-    )
-    if make_grid is not None:
-        return make_grid(images)
-    # Until bot.imaging has its own: near-square grid, row by row.
-    from PIL import Image as PILImage
-
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = PILImage.new("RGB", (cols * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def _preview_png(image: Image.Image) -> bytes:
