@@ -111,6 +111,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_guild ON audit_log (guild_id, id);
     CREATE INDEX jobs_guild_user_time ON jobs (guild_id, user_id, queued_at);
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN outputs TEXT;
+    """,
 )
 
 
@@ -495,14 +498,21 @@ class Database:
         async with self.conn.execute(sql, (guild_id, since)) as cur:
             return list(await cur.fetchall())
 
-    async def prune(self, before: str) -> int:
-        """Retention: drop finished-with rows older than `before`."""
-        cur = await self.conn.execute(
-            "DELETE FROM jobs WHERE queued_at < ? AND status NOT IN ('queued', 'running')",
-            (before,),
-        )
+    async def set_outputs(self, job_id: int, paths: list[str]) -> None:
+        await self.conn.execute("UPDATE jobs SET outputs=? WHERE id=?", (json.dumps(paths), job_id))
         await self.conn.commit()
-        return cur.rowcount
+
+    async def prune(self, before: str) -> tuple[int, list[str]]:
+        """Retention: drop finished-with rows older than `before`; returns how many, and the
+        saved image files they pointed at (for the caller to delete)."""
+        where = "queued_at < ? AND status NOT IN ('queued', 'running')"
+        async with self.conn.execute(
+            f"SELECT outputs FROM jobs WHERE {where} AND outputs IS NOT NULL", (before,)
+        ) as cur:
+            files = [p for (raw,) in await cur.fetchall() for p in json.loads(raw)]
+        cur = await self.conn.execute(f"DELETE FROM jobs WHERE {where}", (before,))
+        await self.conn.commit()
+        return cur.rowcount, files
 
 
 _LIST_TABLES = {("guild_channels", "channel_id"), ("blocked_words", "pattern")}

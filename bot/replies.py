@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import discord
 from PIL import Image
 
+from bot import outputs
 from bot.executor import Failed, Finished, Job, Progress, Queued, Started
 from bot.policy import nsfw_action
 
@@ -166,6 +167,10 @@ class JobFollower:
         from bot.ui import result_view
 
         job = self.job
+        folder = self.bot.settings.outputs_dir
+        if folder is not None:
+            paths = await asyncio.to_thread(outputs.save, folder, job.id, done.images, done.seeds)
+            await self.bot.db.set_outputs(job.id, paths)
         mention = self.interaction.user.mention
         content = result_text(job, done, mention)
         if done.grid is not None:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from bot import outputs
 from bot.app import SdBot, configure_api_base
 from bot.catalog import Catalog
 from bot.db import Database
@@ -35,14 +36,10 @@ async def bot_resources(
             log.warning("%d job(s) from a previous run were marked interrupted", len(stale))
         if settings.retention_days:
             cutoff = datetime.now(UTC) - timedelta(days=settings.retention_days)
-            pruned = await db.prune(
-                cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            )
-            log.info(
-                "retention: pruned %d job row(s) older than %d days",
-                pruned,
-                settings.retention_days,
-            )
+            stamp = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            pruned, files = await db.prune(stamp)
+            deleted = await asyncio.to_thread(outputs.remove, files)
+            log.info("retention: pruned %d job row(s) and %d image(s)", pruned, deleted)
         executor = GpuExecutor(
             engine or _make_engine(settings, catalog),
             db,

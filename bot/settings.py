@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     max_attachment_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     allow_dms: bool = False
     retention_days: int = Field(default=0, ge=0, le=36_500)  # 0 = keep job rows forever
+    outputs_dir: Path | None = None  # keep every generated PNG here; None = don't
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     playground_host: str = "127.0.0.1"
     playground_port: int = Field(default=8765, ge=0, le=65535)
