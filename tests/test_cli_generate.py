@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from bot.cli import main
@@ -22,10 +21,7 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_cache: Path) -> I
     monkeypatch.setenv("SDBOT_DEFAULT_MODEL", "builtin:tiny")
     monkeypatch.setenv("SDBOT_LORA_DIR", str(tmp_path / "loras"))
     monkeypatch.delenv("SDBOT_MODELS_FILE", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; threads only spin when the CPU is shared
     yield tmp_path
-    torch.set_num_threads(before)
 
 
 def params(path: Path) -> dict[str, str]:

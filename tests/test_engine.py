@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,14 +18,6 @@ from bot.jobs import GenerationRequest
 from bot.tiny_model import TINY_MODEL_DIRNAME, ensure_tiny_model, write_tiny_model
 
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; threads only spin when the CPU is shared
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

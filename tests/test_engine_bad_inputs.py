@@ -8,12 +8,11 @@ the engine. Nothing may escape as a bare Pillow, torch or diffusers exception.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 
 from bot import imaging
@@ -24,14 +23,6 @@ from bot.jobs import GenerationRequest, LoraSpec
 
 MB = 1_000_000
 LIMITS = {"max_bytes": 2 * MB, "max_pixels": 2048 * 2048}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; threads only spin when the CPU is shared
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

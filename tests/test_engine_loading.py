@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ from bot.tiny_model import (
     write_config_folder,
     write_single_file,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; threads only spin when the CPU is shared
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

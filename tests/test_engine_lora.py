@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,6 @@ from bot.jobs import GenerationRequest, LoraSpec
 from bot.tiny_model import ensure_tiny_model
 
 EMBEDDING = "sdbot-style"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; threads only spin when the CPU is shared
-    yield
-    torch.set_num_threads(before)
 
 
 def write_tiny_lora(model_dir: Path, path: Path, *, seed: int, text_encoder: bool = False) -> Path:

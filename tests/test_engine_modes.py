@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,6 @@ from bot.schedulers import SCHEDULER_NAMES
 from bot.tiny_model import TINY_MODEL_DIRNAME, ensure_tiny_model
 
 LONG_PROMPT = ", ".join(["a small red fox in deep snow under pine trees"] * 9)  # > 75 tokens
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and OpenMP threads spin badly when other
-    processes share the CPU (measured: 10x slower on 2 busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
