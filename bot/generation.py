@@ -89,15 +89,6 @@ def parse_loras(text: str, known: list[str]) -> tuple[LoraSpec, ...]:
     return tuple(specs)
 
 
-def check_scheduler(name: str) -> None:
-    from bot.schedulers import SCHEDULER_NAMES
-
-    if name != "default" and name not in SCHEDULER_NAMES:
-        raise InvalidRequest(
-            f"Unknown scheduler {name!r}. Use one of: {', '.join(SCHEDULER_NAMES)}."
-        )
-
-
 def jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
     """Parameters as stored in a job row: images stay out, LoRA specs become pairs."""
     out: dict[str, Any] = {}
@@ -149,6 +140,39 @@ def check_attachment(bot: SdBot, attachment: discord.Attachment, what: str) -> N
         )
     if attachment.size == 0:
         raise InvalidRequest(f"The {what} is empty (0 bytes).")
+
+
+def input_loader(
+    bot: SdBot,
+    params: dict[str, Any],
+    image_url: str,
+    *,
+    mask_url: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> ImageLoader:
+    """The `load_images` of an img2img/inpaint job: download the picture (and mask), size it
+    (`size`, else its aspect kept at the model's native resolution) and derive the mask,
+    which without a mask file is the picture's transparent pixels."""
+    inpaint = params["mode"] == "inpaint"
+
+    async def load() -> dict[str, Any]:
+        picture = await read_image(bot, image_url, keep_alpha=inpaint)
+        native = max(params["width"], params["height"])
+        target = size or input_size(picture.width, picture.height, native)
+        params["width"], params["height"] = target
+        out: dict[str, Any] = {
+            "width": target[0],
+            "height": target[1],
+            "init_image": picture.convert("RGB").resize(target, Image.Resampling.LANCZOS),
+        }
+        if inpaint:
+            mask = await read_image(bot, mask_url, what="mask") if mask_url else None
+            out["mask_image"] = imaging.prepare_mask(
+                picture if mask is None else None, mask, target
+            )
+        return out
+
+    return load
 
 
 async def start_job(

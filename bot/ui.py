@@ -12,7 +12,7 @@ import discord
 from PIL import Image
 
 from bot.errors import InvalidRequest
-from bot.generation import read_image, start_job
+from bot.generation import input_loader, read_image, start_job
 from bot.jobs import MAX_SIZE, new_seed, snap_to_8
 
 if TYPE_CHECKING:
@@ -115,27 +115,11 @@ async def _rerun(
         await start_job(interaction, command=command, params=request_params)
         return
     mask_url = params.get("mask_url")
-    inpaint = request_params["mode"] == "inpaint"
-
-    async def load() -> dict[str, Any]:
-        from bot import imaging
-
-        image = await read_image(bot, source_url, keep_alpha=inpaint)
-        out: dict[str, Any] = {"init_image": image.convert("RGB")}
-        if inpaint:
-            mask = await read_image(bot, mask_url, what="mask") if mask_url else None
-            size = (request_params["width"], request_params["height"])
-            out["init_image"] = image.convert("RGB").resize(size)
-            out["mask_image"] = imaging.prepare_mask(image if mask is None else None, mask, size)
-        else:
-            out["init_image"] = out["init_image"].resize(
-                (request_params["width"], request_params["height"])
-            )
-        return out
-
     request_params["source_url"] = source_url
     if mask_url:
         request_params["mask_url"] = mask_url
+    size = (request_params["width"], request_params["height"])
+    load = input_loader(bot, request_params, source_url, mask_url=mask_url, size=size)
     await start_job(interaction, command=command, params=request_params, load_images=load)
 
 

@@ -18,6 +18,7 @@ from bot.charts import stacked_bars
 from bot.errors import InvalidRequest
 from bot.guild_config import SPECS
 from bot.policy import Refused, is_moderator, utcnow
+from bot.schedulers import canonical_name
 
 if TYPE_CHECKING:
     from bot.app import SdBot
@@ -85,9 +86,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
             for name in (v.strip() for v in value.split(",") if v.strip()):
                 self.bot.catalog.get(name)
         if key == "default_scheduler":
-            from bot.generation import check_scheduler
-
-            check_scheduler(value)
+            canonical_name(value)  # refuses unknown samplers, naming the allowed ones
         new = await self.bot.guild_configs.set(guild_id, key, value, by=interaction.user.id)
         await interaction.response.send_message(
             f"✅ `{key}` is now **{_show(new)}**.", ephemeral=True

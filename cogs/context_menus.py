@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 from discord.ext import commands
-from PIL import Image
 
 from bot import imaging, jobs
 from bot.errors import InvalidRequest
-from bot.generation import input_size, read_image, start_job
+from bot.generation import input_loader, start_job
 
 if TYPE_CHECKING:
     from bot.app import SdBot
@@ -81,22 +80,7 @@ class ContextMenus(commands.Cog):
         params: dict[str, Any],
         command: str,
     ) -> None:
-        bot = self.bot
-        mode = params["mode"]
-
-        async def load() -> dict[str, Any]:
-            picture = await read_image(bot, attachment.url, keep_alpha=mode == "inpaint")
-            size = input_size(picture.width, picture.height, max(params["width"], params["height"]))
-            params["width"], params["height"] = size
-            out: dict[str, Any] = {
-                "width": size[0],
-                "height": size[1],
-                "init_image": picture.convert("RGB").resize(size, Image.Resampling.LANCZOS),
-            }
-            if mode == "inpaint":
-                out["mask_image"] = imaging.prepare_mask(picture, None, size)
-            return out
-
+        load = input_loader(self.bot, params, attachment.url)
         await start_job(interaction, command=command, params=params, load_images=load)
 
     async def vary(self, interaction: discord.Interaction, message: discord.Message) -> None:

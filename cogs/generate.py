@@ -7,19 +7,16 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 from discord.ext import commands
-from PIL import Image
 
-from bot import imaging, jobs
+from bot import jobs
 from bot.errors import SdbotError
 from bot.generation import (
     check_attachment,
-    check_scheduler,
-    input_size,
+    input_loader,
     jsonable,
     origin_of,
     parse_loras,
     parse_size,
-    read_image,
     start_job,
 )
 from bot.options import (
@@ -53,6 +50,7 @@ class Generate(commands.Cog):
         command: str,
         extra: dict[str, Any],
         *,
+        attachments: dict[str, discord.Attachment] | None = None,
         prompt: str,
         negative: str,
         model: str | None,
@@ -66,8 +64,8 @@ class Generate(commands.Cog):
     ) -> dict[str, Any]:
         """Options over the server's defaults; sizes default to the model's native one.
 
-        A refusal here (unknown model or LoRA, malformed size) is recorded, then raised to
-        the tree's error handler, which answers ephemerally.
+        A refusal here (an attachment that is no image, unknown model or LoRA, malformed
+        size) is recorded, then raised to the tree's error handler, which answers ephemerally.
         """
         given = {
             "prompt": prompt, "negative_prompt": negative, "model": model, "size": size,
@@ -75,12 +73,13 @@ class Generate(commands.Cog):
             "count": count, "lora": lora, **extra,
         }  # fmt: skip
         try:
+            for what, attachment in (attachments or {}).items():
+                check_attachment(self.bot, attachment, what)
             defaults = await self.bot.defaults_for(interaction.guild_id)
             # A member may only name catalog models; the owner's default may be any source.
             entry = (
                 self.bot.catalog.get(model) if model else self.bot.catalog.resolve(defaults.model)
             )
-            check_scheduler(scheduler or defaults.scheduler)
             width = height = entry.native_size
             if size:
                 width, height = parse_size(size)
@@ -213,42 +212,15 @@ class Generate(commands.Cog):
         strength: float,
         **options: Any,
     ) -> None:
-        bot = self.bot
         extra: dict[str, Any] = {"mode": mode, "strength": strength, "source_url": image.url}
+        attachments = {"image": image}
         if mask is not None:
             extra["mask_url"] = mask.url
-        try:
-            check_attachment(bot, image, "image")
-            if mask is not None:
-                check_attachment(bot, mask, "mask")
-        except SdbotError as exc:
-            given = jsonable({**options, **extra})
-            await bot.db.record_rejected(
-                origin_of(interaction, mode), given, exc.reason, exc.message
-            )
-            raise
-        params = await self._params(interaction, mode, extra, **options)
-        explicit_size = options.get("size") is not None
-
-        async def load() -> dict[str, Any]:
-            picture = await read_image(bot, image.url, keep_alpha=mode == "inpaint")
-            if explicit_size:
-                size = (params["width"], params["height"])
-            else:
-                native = max(params["width"], params["height"])
-                size = input_size(picture.width, picture.height, native)
-            params["width"], params["height"] = size
-            out: dict[str, Any] = {"width": size[0], "height": size[1]}
-            out["init_image"] = picture.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-            if mode == "inpaint":
-                mask_picture = (
-                    await read_image(bot, mask.url, what="mask") if mask is not None else None
-                )
-                out["mask_image"] = imaging.prepare_mask(
-                    picture if mask_picture is None else None, mask_picture, size
-                )
-            return out
-
+            attachments["mask"] = mask
+        params = await self._params(interaction, mode, extra, attachments=attachments, **options)
+        # An explicit size is kept; otherwise the picture's aspect decides.
+        size = (params["width"], params["height"]) if options.get("size") else None
+        load = input_loader(self.bot, params, image.url, mask_url=extra.get("mask_url"), size=size)
         await start_job(interaction, command=mode, params=params, load_images=load)
 
 
