@@ -25,12 +25,15 @@ VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.3
 
 
-def can_moderate(interaction: discord.Interaction, owner_id: int) -> bool:
-    """The job's owner, or someone who may manage messages here."""
-    if interaction.user.id == owner_id:
-        return True
+def manages_messages(interaction: discord.Interaction) -> bool:
+    """A moderator of members' messages here (Manage Messages, Manage Server or admin)."""
     perms = interaction.permissions
     return bool(perms.manage_messages or perms.manage_guild or perms.administrator)
+
+
+def can_moderate(interaction: discord.Interaction, owner_id: int) -> bool:
+    """The job's owner, or someone who may manage messages here."""
+    return interaction.user.id == owner_id or manages_messages(interaction)
 
 
 class JobButton(

@@ -12,7 +12,7 @@ from bot import imaging
 from bot.errors import InvalidRequest
 from bot.generation import check_attachment
 from bot.replies import short
-from bot.ui import can_moderate
+from bot.ui import can_moderate, manages_messages
 from cogs.context_menus import format_parameters_reply
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class Info(commands.Cog):
         self, interaction: discord.Interaction, user: discord.User | None = None
     ) -> None:
         target = user or interaction.user
-        if target.id != interaction.user.id and not can_moderate(interaction, -1):
+        if target.id != interaction.user.id and not manages_messages(interaction):
             raise InvalidRequest("Only moderators can see other members' history.")
         rows = await self.bot.db.list_jobs(
             user_id=target.id, guild_id=interaction.guild_id, limit=10
