@@ -110,8 +110,10 @@ def click_after_row_deleted() -> Action:
         await c.slash("imagine", {"prompt": "base", "steps": 1})
         msg = await _result(c)
         job = msg["content"].rsplit("#", 1)[1]
-        with sqlite3.connect(h.settings.db_path) as conn:
-            conn.execute("DELETE FROM jobs WHERE id=?", (int(job),))
+        # Through the bot's own connection: a second writer on this event loop would wait for
+        # a lock the bot can only release once the loop runs again.
+        await h.bot.db.conn.execute("DELETE FROM jobs WHERE id=?", (int(job),))
+        await h.bot.db.conn.commit()
         return await c.click(msg["id"], f"sdbot:reroll:{job}")
 
     return act
