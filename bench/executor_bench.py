@@ -37,7 +37,8 @@ from typing import Any
 
 from PIL import Image
 
-from bot.db import Database, JobOrigin
+from bot.backend import JobOrigin
+from bot.db import Database
 from bot.executor import Failed, Finished, GpuExecutor, Job, Started
 from bot.jobs import GenerationRequest
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.localdiscord.harness import running_bot
+from bench.harness import running_bot
 from bot.settings import load_settings
 
 

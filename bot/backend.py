@@ -14,12 +14,24 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from bot.db import JobOrigin
 from bot.errors import QueueFull, SdbotError
 from bot.jobs import GenerationRequest
 
 if TYPE_CHECKING:
     from PIL import Image
+
+
+@dataclass(frozen=True)
+class JobOrigin:
+    """Who asked for a job, and where; plain ids so no Discord object leaks past the cogs."""
+
+    user_id: int
+    user_name: str
+    guild_id: int | None
+    channel_id: int | None
+    command: str
+    interaction_id: int | None = None
+
 
 # -- events a job emits, in order: Queued*, Started, Progress*, then Finished or Failed ---------
 

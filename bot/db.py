@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from bot.backend import JobOrigin
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +124,6 @@ def utcnow() -> str:
 
 def _parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-@dataclass(frozen=True)
-class JobOrigin:
-    """Who asked for a job, and where; plain ids so no Discord object leaks past the cogs."""
-
-    user_id: int
-    user_name: str
-    guild_id: int | None
-    channel_id: int | None
-    command: str
-    interaction_id: int | None = None
 
 
 class Database:

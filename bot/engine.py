@@ -38,8 +38,8 @@ from bot.errors import (
     SettingsError,
 )
 from bot.jobs import GenerationRequest, LoraSpec
-from bot.schedulers import DEFAULT as DEFAULT_SCHEDULER
-from bot.schedulers import make_scheduler, scheduler_label
+from bot.samplers import DEFAULT as DEFAULT_SCHEDULER
+from bot.samplers import make_scheduler, scheduler_label
 from bot.tiny_model import ensure_tiny_model
 
 if TYPE_CHECKING:

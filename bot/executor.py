@@ -42,6 +42,7 @@ from bot.backend import (
     GenerationEngine,
     ImageBackend,
     Job,
+    JobOrigin,
     LoadRecordLike,
     Progress,
     Queued,
@@ -50,7 +51,7 @@ from bot.backend import (
     StepInfoLike,
     UserQueueFull,
 )
-from bot.db import Database, JobOrigin
+from bot.db import Database
 from bot.errors import (
     GenerationFailed,
     GpuOutOfMemory,

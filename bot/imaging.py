@@ -33,23 +33,6 @@ MASK_THRESHOLD = 128
 #: How far (relative) a mask's aspect ratio may differ from its image's before it is refused.
 MASK_ASPECT_TOLERANCE = 0.02
 
-# diffusers scheduler class -> the sampler name A1111 and its readers use.
-SAMPLER_NAMES: Mapping[str, str] = {
-    "PNDMScheduler": "PLMS",
-    "DDIMScheduler": "DDIM",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "UniPCMultistepScheduler": "UniPC",
-    "LMSDiscreteScheduler": "LMS",
-    "HeunDiscreteScheduler": "Heun",
-    "DDPMScheduler": "DDPM",
-}
-
-
-def sampler_name(scheduler_class: str) -> str:
-    return SAMPLER_NAMES.get(scheduler_class, scheduler_class)
-
 
 def request_parameters(request: GenerationRequest, *, seed: int, sampler: str) -> str:
     """The `parameters` text for one image of `request` (made with `seed`).

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from PIL import Image
 
 from bot.errors import InvalidRequest
-from bot.schedulers import canonical_name
+from bot.samplers import canonical_name
 
 MIN_SIZE = 64
 MAX_SIZE = 1024
@@ -86,9 +86,6 @@ class GenerationRequest:
     @property
     def seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.count)]
-
-    def with_seed(self, seed: int) -> GenerationRequest:
-        return replace(self, seed=seed)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one pipeline call (one generator per image)."""

@@ -8,7 +8,7 @@ import discord
 from discord import app_commands
 
 from bot import jobs
-from bot.generation import size_suggestions
+from bot.inputs import size_suggestions
 
 if TYPE_CHECKING:
     from bot.app import SdBot
@@ -50,7 +50,7 @@ async def model_autocomplete(
 async def scheduler_autocomplete(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    from bot.schedulers import SCHEDULER_NAMES
+    from bot.samplers import SCHEDULER_NAMES
 
     return _matching(["default", *SCHEDULER_NAMES], current)
 

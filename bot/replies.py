@@ -17,7 +17,7 @@ import discord
 from PIL import Image
 
 from bot import outputs
-from bot.executor import Failed, Finished, Job, Progress, Queued, Started
+from bot.backend import Failed, Finished, Job, Progress, Queued, Started
 from bot.policy import nsfw_action
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import discord
 from PIL import Image
 
 from bot.errors import InvalidRequest
-from bot.generation import input_loader, read_image, start_job
+from bot.intake import input_loader, read_image, start_job
 from bot.jobs import MAX_SIZE, new_seed, snap_to_8
 
 if TYPE_CHECKING:

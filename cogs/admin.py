@@ -18,7 +18,7 @@ from bot.charts import stacked_bars
 from bot.errors import InvalidRequest
 from bot.guild_config import SPECS
 from bot.policy import Refused, is_moderator, utcnow
-from bot.schedulers import canonical_name
+from bot.samplers import canonical_name
 
 if TYPE_CHECKING:
     from bot.app import SdBot
@@ -122,7 +122,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
             elif key in ("default_model", "allowed_models"):
                 options = self.bot.catalog.names()
             elif key == "default_scheduler":
-                from bot.schedulers import SCHEDULER_NAMES
+                from bot.samplers import SCHEDULER_NAMES
 
                 options = ["default", *SCHEDULER_NAMES]
             else:

@@ -10,7 +10,7 @@ from discord.ext import commands
 
 from bot import imaging, jobs
 from bot.errors import InvalidRequest
-from bot.generation import input_loader, start_job
+from bot.intake import input_loader, start_job
 
 if TYPE_CHECKING:
     from bot.app import SdBot

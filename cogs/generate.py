@@ -10,13 +10,12 @@ from discord.ext import commands
 
 from bot import jobs
 from bot.errors import SdbotError
-from bot.generation import (
+from bot.inputs import parse_loras, parse_size
+from bot.intake import (
     check_attachment,
     input_loader,
     jsonable,
     origin_of,
-    parse_loras,
-    parse_size,
     start_job,
 )
 from bot.options import (

@@ -10,7 +10,7 @@ from discord.ext import commands
 
 from bot import imaging
 from bot.errors import InvalidRequest
-from bot.generation import check_attachment
+from bot.intake import check_attachment
 from bot.replies import short
 from bot.ui import can_moderate, manages_messages
 from cogs.context_menus import format_parameters_reply

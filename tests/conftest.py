@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.harness import Harness, running_bot
 from bot.engine import Engine
-from bot.localdiscord.harness import Harness, running_bot
 from bot.settings import Settings, load_settings
 
 # Tests never read a developer's .env or reach a hub.

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from bench.harness import Harness
 from bot.localdiscord.client import ControlClient
-from bot.localdiscord.harness import Harness
 from tests import images
 
 Action = Callable[[ControlClient, Harness], Awaitable[dict[str, Any]]]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.localdiscord.harness import Harness
+from bench.harness import Harness
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402

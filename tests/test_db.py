@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.db import MIGRATIONS, Database, JobOrigin
+from bot.backend import JobOrigin
+from bot.db import MIGRATIONS, Database
 
 ORIGIN = JobOrigin(user_id=1, user_name="ann", guild_id=2, channel_id=3, command="imagine")
 

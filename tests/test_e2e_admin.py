@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from bench.harness import Harness
 from bot import policy
 from bot.charts import COLORS
 from bot.localdiscord.client import ControlClient, ControlError
-from bot.localdiscord.harness import Harness
 
 
 def rows(h: Harness, table: str = "jobs") -> list[dict[str, Any]]:

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from bench.harness import Harness, running_bot
 from bot.engine import Engine
 from bot.imaging import read_parameters
 from bot.localdiscord.client import ControlClient
-from bot.localdiscord.harness import Harness, running_bot
 from bot.localdiscord.server import LocalDiscord
 from bot.settings import Settings
 from tests import images

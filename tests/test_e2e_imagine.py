@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.harness import Harness, running_bot
 from bot.engine import Engine
 from bot.imaging import parse_parameters, read_parameters
 from bot.jobs import GenerationRequest
 from bot.localdiscord.client import ControlClient, ControlError
-from bot.localdiscord.harness import Harness, running_bot
 from bot.settings import Settings
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.backend import StepInfoLike
-from bot.db import Database, JobOrigin
+from bot.backend import JobOrigin, StepInfoLike
+from bot.db import Database
 from bot.engine import Engine
 from bot.errors import GpuOutOfMemory, JobCancelled, QueueFull
 from bot.executor import Failed, Finished, GpuExecutor, Job, Progress, Queued, Started

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.harness import Harness, running_bot
 from bot.engine import Engine
 from bot.errors import GpuOutOfMemory
 from bot.localdiscord.client import ControlClient
-from bot.localdiscord.harness import Harness, running_bot
 from bot.localdiscord.server import LocalDiscord
 from bot.settings import Settings
 

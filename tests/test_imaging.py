@@ -18,7 +18,6 @@ from bot.imaging import (
     prepare_mask,
     read_parameters,
     request_parameters,
-    sampler_name,
 )
 
 
@@ -69,12 +68,6 @@ def test_png_without_parameters() -> None:
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="PNG")
     assert read_parameters(buf.getvalue()) is None
-
-
-def test_sampler_names() -> None:
-    assert sampler_name("EulerAncestralDiscreteScheduler") == "Euler a"
-    assert sampler_name("DPMSolverMultistepScheduler") == "DPM++ 2M"
-    assert sampler_name("SomethingNew") == "SomethingNew"
 
 
 # -- attachments, sizes, masks, grids ----------------------------------------------------------

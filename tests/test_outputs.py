@@ -6,9 +6,9 @@ import json
 import sqlite3
 from pathlib import Path
 
+from bench.harness import running_bot
 from bot.engine import Engine
 from bot.imaging import read_parameters
-from bot.localdiscord.harness import running_bot
 from bot.settings import Settings
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +17,10 @@ import discord
 from PIL import Image
 
 from bot import imaging
-from bot.db import JobOrigin
+from bot.backend import Job, JobOrigin
 from bot.errors import InvalidRequest, SdbotError
-from bot.executor import Job
-from bot.jobs import MAX_SIZE, MIN_SIZE, GenerationRequest, LoraSpec, snap_to_8
+from bot.inputs import input_size
+from bot.jobs import GenerationRequest
 from bot.policy import check_access, check_limits
 from bot.replies import JobFollower
 
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
     from bot.app import SdBot
 
 ImageLoader = Callable[[], Awaitable[dict[str, Any]]]
-
-_SIZE_RE = re.compile(r"^\s*(\d{2,5})\s*[x×*,]\s*(\d{2,5})\s*$", re.IGNORECASE)
 
 
 def origin_of(interaction: discord.Interaction, command: str) -> JobOrigin:
@@ -42,51 +39,6 @@ def origin_of(interaction: discord.Interaction, command: str) -> JobOrigin:
         command=command,
         interaction_id=interaction.id,
     )
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'768x512' -> (768, 512), each rounded down to a multiple of 8."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise InvalidRequest(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x768.")
-    return snap_to_8(int(match.group(1))), snap_to_8(int(match.group(2)))
-
-
-def size_suggestions(native: int) -> list[str]:
-    """Square, portrait and landscape sizes around a model's native resolution."""
-    out = []
-    for w, h in ((1, 1), (3, 4), (4, 3), (2, 3), (3, 2), (9, 16), (16, 9)):
-        scale = native / max(w, h)
-        width, height = snap_to_8(int(w * scale)), snap_to_8(int(h * scale))
-        if MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE:
-            out.append(f"{width}x{height}")
-    return out
-
-
-def input_size(width: int, height: int, native: int) -> tuple[int, int]:
-    """Size to repaint an input image at: its aspect kept, its short side at the model's native
-    resolution (the long side capped at MAX_SIZE), multiples of 8."""
-    long_side = min(MAX_SIZE, round(native * max(width, height) / max(1, min(width, height))))
-    return imaging.fit_size(width, height, max_side=long_side, min_side=MIN_SIZE)
-
-
-def parse_loras(text: str, known: list[str]) -> tuple[LoraSpec, ...]:
-    """'style:0.8, detail' -> LoRA specs; names must exist in the LoRA folder."""
-    specs = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, weight_text = part.partition(":")
-        name = name.strip()
-        if name not in known:
-            available = ", ".join(known) or "none are installed"
-            raise InvalidRequest(f"Unknown LoRA {name!r}. Available: {available}.")
-        try:
-            weight = float(weight_text) if weight_text.strip() else 1.0
-        except ValueError:
-            raise InvalidRequest(
-                f"LoRA weight {weight_text!r} for {name!r} is not a number."
-            ) from None
-        specs.append(LoraSpec(name, weight))
-    return tuple(specs)
 
 
 def jsonable(params: Mapping[str, Any]) -> dict[str, Any]:

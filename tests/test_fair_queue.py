@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.backend import StepInfoLike
-from bot.db import Database, JobOrigin
+from bot.backend import JobOrigin, StepInfoLike
+from bot.db import Database
 from bot.errors import GenerationFailed, GpuOutOfMemory, JobCancelled, QueueFull
 from bot.executor import (
     Failed,

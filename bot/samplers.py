@@ -10,12 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bot.errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from bot.jobs import GenerationRequest
 
 DEFAULT = "default"  # the model's own scheduler, as its repo configures it
 
@@ -105,14 +102,6 @@ def _signature(cls_name: str, options: Mapping[str, Any]) -> tuple[str, bool, bo
     karras = bool(options.get("use_karras_sigmas", False))
     sde = str(options.get("algorithm_type", "")).startswith("sde")
     return cls_name, karras, sde
-
-
-def sampler_label(request: GenerationRequest, pipe: Any) -> str:
-    """The PNG `Sampler:` value for `request` run on `pipe` ("default" -> the model's own)."""
-    name = canonical_name(request.scheduler)
-    if name != DEFAULT:
-        return name
-    return scheduler_label(pipe.scheduler)
 
 
 def _scheduler_class(cls_name: str) -> Any:
