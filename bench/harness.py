@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from bot.app import SdBot, configure_api_base
+from bot.discord_front.app import SdBot, configure_api_base
 from bot.localdiscord.client import ControlClient
 from bot.localdiscord.server import LocalDiscord
 from bot.runner import bot_resources

@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from bot import outputs
-from bot.app import SdBot, configure_api_base
 from bot.catalog import Catalog
 from bot.db import Database
+from bot.discord_front.app import SdBot, configure_api_base
 from bot.executor import GpuExecutor
 from bot.settings import Settings
 

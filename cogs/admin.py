@@ -15,13 +15,13 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.charts import stacked_bars
+from bot.discord_front.policy import Refused, is_moderator, utcnow
 from bot.errors import InvalidRequest
 from bot.guild_config import SPECS
-from bot.policy import Refused, is_moderator, utcnow
 from bot.samplers import canonical_name
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 PERIODS = {"day": 1, "week": 7, "month": 30, "quarter": 90}
 

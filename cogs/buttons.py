@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bot.ui import JobButton
+from bot.discord_front.ui import JobButton
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 
 async def setup(bot: SdBot) -> None:

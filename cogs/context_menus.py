@@ -9,11 +9,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import imaging, jobs
+from bot.discord_front.intake import input_loader, start_job
 from bot.errors import InvalidRequest
-from bot.intake import input_loader, start_job
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 VARY_STRENGTH = 0.55
 

@@ -9,16 +9,14 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import jobs
-from bot.errors import SdbotError
-from bot.inputs import parse_loras, parse_size
-from bot.intake import (
+from bot.discord_front.intake import (
     check_attachment,
     input_loader,
     jsonable,
     origin_of,
     start_job,
 )
-from bot.options import (
+from bot.discord_front.options import (
     DESCRIBE,
     DESCRIBE_EDIT,
     lora_autocomplete,
@@ -26,9 +24,11 @@ from bot.options import (
     scheduler_autocomplete,
     size_autocomplete,
 )
+from bot.errors import SdbotError
+from bot.inputs import parse_loras, parse_size
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 Prompt = app_commands.Range[str, 1, jobs.MAX_PROMPT_CHARS]
 Negative = app_commands.Range[str, 0, jobs.MAX_PROMPT_CHARS]

@@ -9,14 +9,14 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import imaging
+from bot.discord_front.intake import check_attachment
+from bot.discord_front.replies import short
+from bot.discord_front.ui import can_moderate, manages_messages
 from bot.errors import InvalidRequest
-from bot.intake import check_attachment
-from bot.replies import short
-from bot.ui import can_moderate, manages_messages
 from cogs.context_menus import format_parameters_reply
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 STATUS_ICONS = {
     "queued": "⏳", "running": "🎨", "finished": "✅", "failed": "❌",

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from bench.harness import Harness
-from bot import policy
 from bot.charts import COLORS
+from bot.discord_front import policy
 from bot.localdiscord.client import ControlClient, ControlError
 
 

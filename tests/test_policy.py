@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from bot.discord_front.policy import Refused, blocked_match, check_limits, normalize
 from bot.guild_config import SPECS, GuildConfig
 from bot.jobs import GenerationRequest
-from bot.policy import Refused, blocked_match, check_limits, normalize
 
 
 def test_normalize_folds_case_accents_and_width() -> None:

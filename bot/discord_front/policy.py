@@ -16,7 +16,7 @@ from bot.guild_config import GuildConfig
 from bot.jobs import GenerationRequest
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 
 class Refused(SdbotError):

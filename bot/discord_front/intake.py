@@ -18,14 +18,14 @@ from PIL import Image
 
 from bot import imaging
 from bot.backend import Job, JobOrigin
+from bot.discord_front.policy import check_access, check_limits
+from bot.discord_front.replies import JobFollower
 from bot.errors import InvalidRequest, SdbotError
 from bot.inputs import input_size
 from bot.jobs import GenerationRequest
-from bot.policy import check_access, check_limits
-from bot.replies import JobFollower
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 ImageLoader = Callable[[], Awaitable[dict[str, Any]]]
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import discord
 from PIL import Image
 
+from bot.discord_front.intake import input_loader, read_image, start_job
 from bot.errors import InvalidRequest
-from bot.intake import input_loader, read_image, start_job
 from bot.jobs import MAX_SIZE, new_seed, snap_to_8
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from bot import jobs
 from bot.inputs import size_suggestions
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 MAX_CHOICES = 25  # Discord shows at most 25 suggestions
 

@@ -18,10 +18,10 @@ from PIL import Image
 
 from bot import outputs
 from bot.backend import Failed, Finished, Job, Progress, Queued, Started
-from bot.policy import nsfw_action
+from bot.discord_front.policy import nsfw_action
 
 if TYPE_CHECKING:
-    from bot.app import SdBot
+    from bot.discord_front.app import SdBot
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class JobFollower:
         self._last_edit = 0.0
 
     async def run(self) -> None:
-        from bot.ui import progress_view
+        from bot.discord_front.ui import progress_view
 
         view = progress_view(self.job.id)
         async for event in self.job.stream():
@@ -164,7 +164,7 @@ class JobFollower:
             log.warning("progress edit failed for job %d: %s", self.job.id, exc)
 
     async def _deliver(self, done: Finished) -> None:
-        from bot.ui import result_view
+        from bot.discord_front.ui import result_view
 
         job = self.job
         folder = self.bot.settings.outputs_dir

@@ -144,8 +144,8 @@ class SdBot(commands.Bot):
 
     async def tell_interrupted(self) -> None:
         """After a crash, tell each owner their job was lost, with a button to run it again."""
-        from bot.replies import short
-        from bot.ui import JobButton
+        from bot.discord_front.replies import short
+        from bot.discord_front.ui import JobButton
 
         rows, self.interrupted = self.interrupted, []
         for row in rows:
