@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.errors import SettingsError
@@ -66,6 +75,18 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as http://127.0.0.1:8765")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _token_only_over_tls(self) -> Settings:
+        # The token is sent with every REST call: only over TLS, or to this machine.
+        base = self.discord_api_base
+        plain = base is not None and not base.startswith("https://")
+        if self.discord_token and plain and not is_loopback_url(str(base)):
+            raise ValueError(
+                "DISCORD_API_BASE must be an https:// URL when DISCORD_TOKEN is set "
+                "(plain http is allowed only to this machine: 127.0.0.1, ::1, localhost)"
+            )
+        return self
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -76,6 +97,17 @@ class Settings(BaseSettings):
     @property
     def token(self) -> str | None:
         return self.discord_token.get_secret_value() if self.discord_token else None
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when `url` names this machine (so plain http or ws cannot leak to the network)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _ENV_NAMES = {"discord_token": "DISCORD_TOKEN", "discord_api_base": "DISCORD_API_BASE"}
@@ -94,7 +126,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = str(err["loc"][0]) if err["loc"] else "?"
-        name = env_name(loc) if loc in Settings.model_fields else loc
+        loc = str(err["loc"][0]) if err["loc"] else ""
         msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a rule across settings names its variables in the message itself
+            raise SettingsError(f"invalid settings: {msg}") from None
+        name = env_name(loc) if loc in Settings.model_fields else loc
         raise SettingsError(f"invalid setting {name}: {msg}") from None
