@@ -35,6 +35,7 @@ lint: setup
 	$(BIN)/ruff check bot cogs tests $(wildcard bench)
 	$(BIN)/ruff format --check bot cogs tests $(wildcard bench)
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

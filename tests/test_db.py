@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,58 @@ async def test_usage_and_quota_queries(tmp_path: Path) -> None:
         assert (images, gpu) == (3, 2.5) and last is not None
         assert await db.pending_images(9, 7) == 2
         assert await db.usage_since(9, 8, "2000-01-01") == (0, 0.0, None)
+
+
+# Names that exist, so without the check the SQL would run and read or write the wrong table.
+BAD_NAMES = [("jobs", "prompt"), ("guild_channels", "pattern"), ("bans", "user_id")]
+
+
+@pytest.mark.parametrize(("table", "column"), BAD_NAMES)
+async def test_list_values_refuses_tables_and_columns_off_the_allow_list(
+    tmp_path: Path, table: str, column: str
+) -> None:
+    async with await Database.open(tmp_path / "x.db") as db:
+        await db.create_job(ORIGIN, {"prompt": "secret"})
+        with pytest.raises(ValueError, match=table):
+            await db.list_values(table, column, 2)
+        with pytest.raises(ValueError, match=table):
+            await db.add_value(table, column, 2, "x", by=1)
+        with pytest.raises(ValueError, match=table):
+            await db.remove_value(table, column, 2, "secret", by=1)
+        # Nothing was written or deleted, not even an audit entry.
+        assert [r["prompt"] for r in await db.list_jobs()] == ["secret"]
+        assert await db.audit_entries(2) == []
+
+
+def test_the_allow_list_holds_under_python_dash_o(tmp_path: Path) -> None:
+    """`python -O` strips asserts, so the check must be a real raise."""
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from bot.db import Database
+
+        async def main() -> None:
+            async with await Database.open(sys.argv[1]) as db:
+                calls = {
+                    "list_values": lambda: db.list_values("jobs", "prompt", 2),
+                    "add_value": lambda: db.add_value("jobs", "prompt", 2, "x", by=1),
+                    "remove_value": lambda: db.remove_value("jobs", "prompt", 2, "x", by=1),
+                }
+                for name, call in calls.items():
+                    try:
+                        await call()
+                    except ValueError:
+                        continue
+                    sys.exit(f"{name} ran SQL on a table off the allow-list")
+
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", script, str(tmp_path / "x.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,26 @@
+"""SQLite: numbered migrations, WAL, and the job rows every request leaves behind.
+
+`Database` is one connection with the queries of each kind of row mixed in: connection.py
+(opening, migrations, meta, time stamps), jobs.py (job rows, usage, model loads) and
+guilds.py (per-guild settings, lists, bans, quotas, audit). Import from here, not from those.
+"""
+
+from __future__ import annotations
+
+from bot.db.connection import FINAL_STATUSES, MIGRATIONS, STATUSES, parse_stamp, utc_stamp
+from bot.db.guilds import LIST_TABLES, GuildsMixin
+from bot.db.jobs import JobsMixin
+
+__all__ = [
+    "FINAL_STATUSES",
+    "LIST_TABLES",
+    "MIGRATIONS",
+    "STATUSES",
+    "Database",
+    "parse_stamp",
+    "utc_stamp",
+]
+
+
+class Database(JobsMixin, GuildsMixin):
+    """The bot's database: open with `await Database.open(path)` (or `async with`)."""

@@ -1,0 +1,220 @@
+"""Job rows, one per request whatever became of it: created, rejected, running, done or
+interrupted by a restart; their parameters, Discord message and saved outputs; the usage and
+stats queries over them, retention, and the model-load log."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import aiosqlite
+
+from bot.backend import JobOrigin
+from bot.db.connection import FINAL_STATUSES, BaseDatabase, parse_stamp, utc_stamp
+
+
+class JobsMixin(BaseDatabase):
+    # -- jobs ---------------------------------------------------------------------------------
+
+    async def create_job(
+        self,
+        origin: JobOrigin,
+        params: Mapping[str, Any],
+        *,
+        status: str = "queued",
+        reason: str | None = None,
+        error: str | None = None,
+    ) -> int:
+        now = utc_stamp()
+        final = status in FINAL_STATUSES
+        cur = await self.conn.execute(
+            """INSERT INTO jobs (guild_id, channel_id, user_id, user_name, command, prompt,
+                   negative_prompt, model, width, height, steps, guidance, seed, params, status,
+                   reason, error, interaction_id, queued_at, finished_at, mode, count)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                origin.guild_id,
+                origin.channel_id,
+                origin.user_id,
+                origin.user_name,
+                origin.command,
+                str(params.get("prompt") or ""),
+                str(params.get("negative_prompt") or ""),
+                params.get("model"),
+                params.get("width"),
+                params.get("height"),
+                params.get("steps"),
+                params.get("guidance"),
+                params.get("seed"),
+                json.dumps(dict(params), default=str),
+                status,
+                reason,
+                error,
+                origin.interaction_id,
+                now,
+                now if final else None,
+                str(params.get("mode") or "txt2img"),
+                params["count"] if isinstance(params.get("count"), int) else 1,
+            ),
+        )
+        await self.conn.commit()
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def record_rejected(
+        self, origin: JobOrigin, params: Mapping[str, Any], reason: str, error: str
+    ) -> int:
+        return await self.create_job(origin, params, status="rejected", reason=reason, error=error)
+
+    async def mark_running(self, job_id: int) -> None:
+        await self.conn.execute(
+            "UPDATE jobs SET status='running', started_at=? WHERE id=? AND status='queued'",
+            (utc_stamp(), job_id),
+        )
+        await self.conn.commit()
+
+    async def mark_done(
+        self,
+        job_id: int,
+        status: str,
+        *,
+        reason: str | None = None,
+        error: str | None = None,
+        gpu_seconds: float | None = None,
+    ) -> None:
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"{status!r} is not a final status")
+        now = utc_stamp()
+        row = await self.get_job(job_id)
+        duration = None
+        if row is not None and row["started_at"]:
+            duration = (parse_stamp(now) - parse_stamp(row["started_at"])).total_seconds()
+        await self.conn.execute(
+            """UPDATE jobs SET status=?, reason=?, error=?, finished_at=?, duration_s=?,
+                   gpu_seconds=? WHERE id=? AND status IN ('queued', 'running')""",
+            (status, reason, error, now, duration, gpu_seconds, job_id),
+        )
+        await self.conn.commit()
+
+    async def merge_params(self, job_id: int, extra: Mapping[str, Any]) -> None:
+        """Add facts to a job's stored parameters (e.g. where its input image came from)."""
+        row = await self.get_job(job_id)
+        if row is None:
+            return
+        params = {**json.loads(row["params"]), **extra}
+        await self.conn.execute(
+            "UPDATE jobs SET params=? WHERE id=?", (json.dumps(params, default=str), job_id)
+        )
+        await self.conn.commit()
+
+    async def set_message_id(self, job_id: int, message_id: int) -> None:
+        """The Discord message holding a job's result, for buttons and /history links."""
+        await self.conn.execute("UPDATE jobs SET message_id=? WHERE id=?", (message_id, job_id))
+        await self.conn.commit()
+
+    async def interrupt_unfinished(self) -> list[aiosqlite.Row]:
+        """Close out rows a previous process left queued/running (a crash or kill -9);
+        returns them so their owners can be told."""
+        async with self.conn.execute(
+            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY id"
+        ) as cur:
+            stale = list(await cur.fetchall())
+        await self.conn.execute(
+            """UPDATE jobs SET status='interrupted', reason='restart',
+                   error='The bot restarted before this job finished.', finished_at=?
+               WHERE status IN ('queued', 'running')""",
+            (utc_stamp(),),
+        )
+        await self.conn.commit()
+        return stale
+
+    async def record_model_load(
+        self,
+        *,
+        model: str,
+        source: str,
+        ok: bool,
+        seconds: float,
+        memory_mb: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        await self.conn.execute(
+            """INSERT INTO model_loads (model, source, ok, seconds, memory_mb, error, loaded_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            (model, source, int(ok), seconds, memory_mb, error, utc_stamp()),
+        )
+        await self.conn.commit()
+
+    async def get_job(self, job_id: int) -> aiosqlite.Row | None:
+        async with self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)) as cur:
+            return await cur.fetchone()
+
+    async def list_jobs(
+        self, *, user_id: int | None = None, guild_id: int | None = None, limit: int = 50
+    ) -> list[aiosqlite.Row]:
+        """Newest first."""
+        clauses: list[str] = []
+        args: list[Any] = []
+        if user_id is not None:
+            clauses.append("user_id=?")
+            args.append(user_id)
+        if guild_id is not None:
+            clauses.append("guild_id=?")
+            args.append(guild_id)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT * FROM jobs{where} ORDER BY id DESC LIMIT ?"
+        async with self.conn.execute(sql, (*args, limit)) as cur:
+            return list(await cur.fetchall())
+
+    async def active_jobs(self) -> list[aiosqlite.Row]:
+        """Queued and running jobs, oldest first."""
+        sql = "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY id"
+        async with self.conn.execute(sql) as cur:
+            return list(await cur.fetchall())
+
+    # -- usage --------------------------------------------------------------------------------
+
+    async def usage_since(
+        self, guild_id: int, user_id: int, since: str
+    ) -> tuple[int, float, str | None]:
+        """(images, GPU seconds, time of the latest accepted job) of a user since `since`."""
+        sql = """SELECT COALESCE(SUM(CASE WHEN status='finished' THEN count ELSE 0 END), 0),
+                        COALESCE(SUM(gpu_seconds), 0),
+                        (SELECT MAX(queued_at) FROM jobs WHERE guild_id=? AND user_id=?
+                           AND status NOT IN ('rejected'))
+                 FROM jobs WHERE guild_id=? AND user_id=? AND queued_at >= ?
+                   AND status IN ('queued', 'running', 'finished')"""
+        async with self.conn.execute(sql, (guild_id, user_id, guild_id, user_id, since)) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), float(row[1]), row[2]
+
+    async def pending_images(self, guild_id: int, user_id: int) -> int:
+        sql = """SELECT COALESCE(SUM(count), 0) FROM jobs
+                 WHERE guild_id=? AND user_id=? AND status IN ('queued', 'running')"""
+        async with self.conn.execute(sql, (guild_id, user_id)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def stats_rows(self, guild_id: int, since: str) -> list[aiosqlite.Row]:
+        sql = """SELECT substr(queued_at, 1, 10) AS day, mode, status, user_id, user_name, model,
+                        count, gpu_seconds FROM jobs WHERE guild_id=? AND queued_at >= ?"""
+        async with self.conn.execute(sql, (guild_id, since)) as cur:
+            return list(await cur.fetchall())
+
+    async def set_outputs(self, job_id: int, paths: list[str]) -> None:
+        await self.conn.execute("UPDATE jobs SET outputs=? WHERE id=?", (json.dumps(paths), job_id))
+        await self.conn.commit()
+
+    async def prune(self, before: str) -> tuple[int, list[str]]:
+        """Retention: drop finished-with rows older than `before`; returns how many, and the
+        saved image files they pointed at (for the caller to delete)."""
+        where = "queued_at < ? AND status NOT IN ('queued', 'running')"
+        async with self.conn.execute(
+            f"SELECT outputs FROM jobs WHERE {where} AND outputs IS NOT NULL", (before,)
+        ) as cur:
+            files = [p for (raw,) in await cur.fetchall() for p in json.loads(raw)]
+        cur = await self.conn.execute(f"DELETE FROM jobs WHERE {where}", (before,))
+        await self.conn.commit()
+        return cur.rowcount, files
