@@ -1,4 +1,5 @@
-"""Entry points owning the shared resources: database, engine, executor, bot, local server."""
+"""Entry points owning the shared resources: database, engine, executor, HTTP session, bot,
+local server. The composition root: the one place the Discord front meets the executor."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+
 from bot import outputs
 from bot.catalog import Catalog
 from bot.db import Database
 from bot.discord_front.app import SdBot, configure_api_base
+from bot.discord_front.services import Services
 from bot.executor import GpuExecutor
+from bot.guild_config import GuildConfigs
 from bot.settings import Settings
 
 if TYPE_CHECKING:
@@ -29,17 +34,10 @@ async def bot_resources(
 ) -> AsyncIterator[SdBot]:
     """Open everything the bot needs, in order, and close it in reverse even on errors."""
     catalog = Catalog.load(settings.models_file, settings.lora_dir)
-    db = await Database.open(settings.db_path)
-    try:
-        stale = await db.interrupt_unfinished()
-        if stale:
-            log.warning("%d job(s) from a previous run were marked interrupted", len(stale))
-        if settings.retention_days:
-            cutoff = datetime.now(UTC) - timedelta(days=settings.retention_days)
-            stamp = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            pruned, files = await db.prune(stamp)
-            deleted = await asyncio.to_thread(outputs.remove, files)
-            log.info("retention: pruned %d job row(s) and %d image(s)", pruned, deleted)
+    async with contextlib.AsyncExitStack() as stack:
+        db = await Database.open(settings.db_path)
+        stack.push_async_callback(db.close)
+        stale = await _tidy(db, settings)
         executor = GpuExecutor(
             engine or _make_engine(settings, catalog),
             db,
@@ -51,21 +49,36 @@ async def bot_resources(
         # Model loads happen on the GPU thread; the recorder carries them to SQLite.
         executor.engine.on_load = executor.load_recorder()
         await executor.start()
-        try:
-            bot = SdBot(
-                settings=settings,
-                db=db,
-                executor=executor,
-                catalog=catalog,
-                sync=sync,
-                **bot_options,
-            )
-            bot.interrupted = stale
-            yield bot
-        finally:
-            await executor.close()
-    finally:
-        await db.close()
+        stack.push_async_callback(executor.close)
+        # For downloading attachments and earlier results; bounded so a slow CDN cannot wedge
+        # a job. Closed after the bot, which the caller closes first.
+        http = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        )
+        services = Services(
+            settings=settings,
+            db=db,
+            backend=executor,
+            catalog=catalog,
+            guild_configs=GuildConfigs(db),
+            http=http,
+        )
+        yield SdBot(services, sync=sync, interrupted=stale, **bot_options)
+
+
+async def _tidy(db: Database, settings: Settings) -> list[Any]:
+    """Close out what a previous run left: its unfinished jobs (returned, so their owners can
+    be told) and, past the retention period, old rows and images."""
+    stale = await db.interrupt_unfinished()
+    if stale:
+        log.warning("%d job(s) from a previous run were marked interrupted", len(stale))
+    if settings.retention_days:
+        cutoff = datetime.now(UTC) - timedelta(days=settings.retention_days)
+        stamp = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        pruned, files = await db.prune(stamp)
+        deleted = await asyncio.to_thread(outputs.remove, files)
+        log.info("retention: pruned %d job row(s) and %d image(s)", pruned, deleted)
+    return list(stale)
 
 
 def _make_engine(settings: Settings, catalog: Catalog) -> Engine:
@@ -105,7 +118,7 @@ async def run_bot(settings: Settings, *, sync: bool = False) -> None:
 
 async def run_playground(settings: Settings) -> None:
     """Local server + bot + tiny model in one process: everything without a Discord account."""
-    from bot.localdiscord.server import LocalDiscord
+    from bot.localdiscord.server import LocalDiscord  # only the playground serves it
 
     server = LocalDiscord()
     url = await server.start(settings.playground_host, settings.playground_port)

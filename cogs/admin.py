@@ -6,22 +6,22 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 from collections import Counter, defaultdict
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot.charts import stacked_bars
-from bot.discord_front.policy import Refused, is_moderator, utcnow
+from bot.discord_front.options import scheduler_choices
+from bot.discord_front.policy import Refused, manages_guild, utcnow
+from bot.discord_front.services import services
 from bot.errors import InvalidRequest
 from bot.guild_config import SPECS
 from bot.samplers import canonical_name
-
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
 
 PERIODS = {"day": 1, "week": 7, "month": 30, "quarter": 90}
 
@@ -29,7 +29,7 @@ PERIODS = {"day": 1, "week": 7, "month": 30, "quarter": 90}
 def require_admin(interaction: discord.Interaction) -> int:
     if interaction.guild_id is None:
         raise InvalidRequest("This command only works in a server.")
-    if not is_moderator(interaction):
+    if not manages_guild(interaction):
         raise Refused("permission", "You need the Manage Server permission to do that.")
     return interaction.guild_id
 
@@ -43,10 +43,6 @@ def _show(value: Any) -> str:
 @app_commands.guild_only()
 @app_commands.default_permissions(manage_guild=True)
 class Config(app_commands.Group, name="config", description="Server settings for sdbot"):
-    def __init__(self, bot: SdBot) -> None:
-        super().__init__()
-        self.bot = bot
-
     channels = app_commands.Group(name="channels", description="Channels where sdbot may be used")
     blocklist = app_commands.Group(
         name="blocklist", description="Words and patterns refused in prompts"
@@ -55,14 +51,15 @@ class Config(app_commands.Group, name="config", description="Server settings for
     @app_commands.command(name="show", description="Show this server's settings and recent changes")
     async def show(self, interaction: discord.Interaction) -> None:
         guild_id = require_admin(interaction)
-        config = await self.bot.guild_configs.get(guild_id)
+        svc = services(interaction)
+        config = await svc.guild_configs.get(guild_id)
         lines = ["**sdbot settings** (✎ changed here)"]
         for key, spec in SPECS.items():
             mark = "✎" if key in config.overridden else "·"
             lines.append(f"{mark} `{key}` = **{_show(config.values[key])}** — {spec.help}")
         channels = ", ".join(f"<#{c}>" for c in config.channels) or "all channels"
         lines.append(f"Channels: {channels} · blocked patterns: {len(config.blocked)}")
-        audit = await self.bot.db.audit_entries(guild_id, 5)
+        audit = await svc.db.audit_entries(guild_id, 5)
         if audit:
             lines.append("**Recent changes**")
             for row in audit:
@@ -80,14 +77,15 @@ class Config(app_commands.Group, name="config", description="Server settings for
     @app_commands.describe(key="Setting name", value="New value (see /config show)")
     async def set_(self, interaction: discord.Interaction, key: str, value: str) -> None:
         guild_id = require_admin(interaction)
+        svc = services(interaction)
         if key in ("default_model",) and value:
-            value = self.bot.catalog.get(value).name
+            value = svc.catalog.get(value).name
         if key == "allowed_models":
             for name in (v.strip() for v in value.split(",") if v.strip()):
-                self.bot.catalog.get(name)
+                svc.catalog.get(name)
         if key == "default_scheduler":
             canonical_name(value)  # refuses unknown samplers, naming the allowed ones
-        new = await self.bot.guild_configs.set(guild_id, key, value, by=interaction.user.id)
+        new = await svc.guild_configs.set(guild_id, key, value, by=interaction.user.id)
         await interaction.response.send_message(
             f"✅ `{key}` is now **{_show(new)}**.", ephemeral=True
         )
@@ -95,7 +93,8 @@ class Config(app_commands.Group, name="config", description="Server settings for
     @app_commands.command(name="reset", description="Put one setting back to its default")
     async def reset(self, interaction: discord.Interaction, key: str) -> None:
         guild_id = require_admin(interaction)
-        new = await self.bot.guild_configs.set(guild_id, key, None, by=interaction.user.id)
+        configs = services(interaction).guild_configs
+        new = await configs.set(guild_id, key, None, by=interaction.user.id)
         await interaction.response.send_message(
             f"↩️ `{key}` is back to **{_show(new)}**.", ephemeral=True
         )
@@ -120,11 +119,9 @@ class Config(app_commands.Group, name="config", description="Server settings for
             elif spec.kind is bool:
                 options = ["true", "false"]
             elif key in ("default_model", "allowed_models"):
-                options = self.bot.catalog.names()
+                options = services(interaction).catalog.names()
             elif key == "default_scheduler":
-                from bot.samplers import SCHEDULER_NAMES
-
-                options = ["default", *SCHEDULER_NAMES]
+                options = scheduler_choices()
             else:
                 options = [str(spec.default)]
         return [
@@ -138,7 +135,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
         self, interaction: discord.Interaction, channel: discord.TextChannel
     ) -> None:
         guild_id = require_admin(interaction)
-        await self.bot.guild_configs.add(
+        await services(interaction).guild_configs.add(
             "guild_channels", "channel_id", guild_id, channel.id, by=interaction.user.id
         )
         await interaction.response.send_message(
@@ -150,7 +147,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
         self, interaction: discord.Interaction, channel: discord.TextChannel
     ) -> None:
         guild_id = require_admin(interaction)
-        removed = await self.bot.guild_configs.remove(
+        removed = await services(interaction).guild_configs.remove(
             "guild_channels", "channel_id", guild_id, channel.id, by=interaction.user.id
         )
         text = (
@@ -163,7 +160,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
     @channels.command(name="list", description="Channels where sdbot may be used")
     async def channels_list(self, interaction: discord.Interaction) -> None:
         guild_id = require_admin(interaction)
-        config = await self.bot.guild_configs.get(guild_id)
+        config = await services(interaction).guild_configs.get(guild_id)
         text = ", ".join(f"<#{c}>" for c in config.channels) or "All channels (the list is empty)."
         await interaction.response.send_message(text, ephemeral=True)
 
@@ -175,13 +172,11 @@ class Config(app_commands.Group, name="config", description="Server settings for
     ) -> None:
         guild_id = require_admin(interaction)
         if pattern.startswith("re:"):
-            import re
-
             try:
                 re.compile(pattern[3:])
             except re.error as exc:
                 raise InvalidRequest(f"That regular expression is invalid: {exc}.") from None
-        await self.bot.guild_configs.add(
+        await services(interaction).guild_configs.add(
             "blocked_words", "pattern", guild_id, pattern, by=interaction.user.id
         )
         await interaction.response.send_message(f"✅ Blocking `{pattern}`.", ephemeral=True)
@@ -189,7 +184,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
     @blocklist.command(name="remove", description="Stop refusing a pattern")
     async def blocklist_remove(self, interaction: discord.Interaction, pattern: str) -> None:
         guild_id = require_admin(interaction)
-        removed = await self.bot.guild_configs.remove(
+        removed = await services(interaction).guild_configs.remove(
             "blocked_words", "pattern", guild_id, pattern, by=interaction.user.id
         )
         await interaction.response.send_message(
@@ -200,7 +195,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
     @blocklist.command(name="list", description="The blocked words and patterns")
     async def blocklist_list(self, interaction: discord.Interaction) -> None:
         guild_id = require_admin(interaction)
-        config = await self.bot.guild_configs.get(guild_id)
+        config = await services(interaction).guild_configs.get(guild_id)
         text = "\n".join(f"• `{p}`" for p in config.blocked) or "Nothing is blocked."
         await interaction.response.send_message(text[:2000], ephemeral=True)
 
@@ -212,7 +207,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
         reason: app_commands.Range[str, 0, 200] = "",
     ) -> None:
         guild_id = require_admin(interaction)
-        await self.bot.db.ban(guild_id, user.id, reason, by=interaction.user.id)
+        await services(interaction).db.ban(guild_id, user.id, reason, by=interaction.user.id)
         await interaction.response.send_message(
             f"🚫 {user.mention} can no longer use sdbot here.", ephemeral=True
         )
@@ -220,7 +215,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
     @app_commands.command(name="unban", description="Let a banned member use sdbot again")
     async def unban(self, interaction: discord.Interaction, user: discord.User) -> None:
         guild_id = require_admin(interaction)
-        done = await self.bot.db.unban(guild_id, user.id, by=interaction.user.id)
+        done = await services(interaction).db.unban(guild_id, user.id, by=interaction.user.id)
         text = (
             f"✅ {user.mention} may use sdbot again." if done else f"{user.mention} was not banned."
         )
@@ -236,7 +231,8 @@ class Config(app_commands.Group, name="config", description="Server settings for
         daily: app_commands.Range[int, 0, 100_000] | None = None,
     ) -> None:
         guild_id = require_admin(interaction)
-        await self.bot.db.set_user_quota(guild_id, user.id, daily, by=interaction.user.id)
+        db = services(interaction).db
+        await db.set_user_quota(guild_id, user.id, daily, by=interaction.user.id)
         text = (
             f"✅ {user.mention} now has a daily quota of {daily}."
             if daily is not None
@@ -246,9 +242,9 @@ class Config(app_commands.Group, name="config", description="Server settings for
 
 
 class Admin(commands.Cog):
-    def __init__(self, bot: SdBot) -> None:
+    def __init__(self, bot: commands.Bot) -> None:
         self.bot = bot
-        self.config = Config(bot)
+        self.config = Config()
         bot.tree.add_command(self.config)
 
     async def cog_unload(self) -> None:
@@ -265,7 +261,7 @@ class Admin(commands.Cog):
         now = utcnow()
         start = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
         since = start.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        rows = await self.bot.db.stats_rows(guild_id, since)
+        rows = await services(interaction).db.stats_rows(guild_id, since)
         day_names = [(start + timedelta(days=i)).date().isoformat() for i in range(days)]
         per_mode: dict[str, list[int]] = defaultdict(lambda: [0] * days)
         users: Counter[str] = Counter()
@@ -306,5 +302,5 @@ class Admin(commands.Cog):
         await interaction.response.send_message(text, file=file, ephemeral=True)
 
 
-async def setup(bot: SdBot) -> None:
+async def setup(bot: commands.Bot) -> None:
     await bot.add_cog(Admin(bot))

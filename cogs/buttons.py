@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from discord.ext import commands
 
 from bot.discord_front.ui import JobButton
 
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
 
-
-async def setup(bot: SdBot) -> None:
+async def setup(bot: commands.Bot) -> None:
     bot.add_dynamic_items(JobButton)
 
 
-async def teardown(bot: SdBot) -> None:
+async def teardown(bot: commands.Bot) -> None:
     bot.remove_dynamic_items(JobButton)

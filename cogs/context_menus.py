@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot import imaging, jobs
-from bot.discord_front.intake import input_loader, start_job
+from bot.discord_front.intake import input_loader
+from bot.discord_front.replies import report
+from bot.discord_front.services import Services, services
+from bot.discord_front.ui import start_job
 from bot.errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
 
 VARY_STRENGTH = 0.55
 
@@ -25,20 +25,20 @@ def first_image(message: discord.Message) -> discord.Attachment:
     raise InvalidRequest("That message has no image attached.")
 
 
-async def stored_parameters(bot: SdBot, attachment: discord.Attachment) -> dict[str, str]:
+async def stored_parameters(svc: Services, attachment: discord.Attachment) -> dict[str, str]:
     """The image's own generation parameters when it is a PNG that carries them."""
     if attachment.content_type != "image/png":
         return {}
-    async with bot.http_session.get(attachment.url) as resp:
+    async with svc.http.get(attachment.url) as resp:
         if resp.status != 200:
             return {}
-        data = await resp.content.read(int(bot.settings.max_attachment_mb * 1024 * 1024))
+        data = await resp.content.read(int(svc.settings.max_attachment_mb * 1024 * 1024))
     text = imaging.read_parameters(data) if data.startswith(b"\x89PNG") else None
     return imaging.parse_parameters(text) if text else {}
 
 
 class ContextMenus(commands.Cog):
-    def __init__(self, bot: SdBot) -> None:
+    def __init__(self, bot: commands.Bot) -> None:
         self.bot = bot
         # Context menus cannot live in a cog's class body: made here, removed on unload.
         self.menus = [
@@ -60,8 +60,9 @@ class ContextMenus(commands.Cog):
         attachment: discord.Attachment,
         found: dict[str, str],
     ) -> dict[str, Any]:
-        defaults = await self.bot.defaults_for(interaction.guild_id)
-        entry = self.bot.catalog.resolve(defaults.model)
+        svc = services(interaction)
+        defaults = await svc.defaults_for(interaction.guild_id)
+        entry = svc.catalog.resolve(defaults.model)
         return {
             "negative_prompt": found.get("negative_prompt", ""),
             "model": entry.name,
@@ -80,12 +81,12 @@ class ContextMenus(commands.Cog):
         params: dict[str, Any],
         command: str,
     ) -> None:
-        load = input_loader(self.bot, params, attachment.url)
+        load = input_loader(services(interaction), params, attachment.url)
         await start_job(interaction, command=command, params=params, load_images=load)
 
     async def vary(self, interaction: discord.Interaction, message: discord.Message) -> None:
         attachment = first_image(message)
-        found = await stored_parameters(self.bot, attachment)
+        found = await stored_parameters(services(interaction), attachment)
         params = await self._base_params(interaction, attachment, found)
         params.update(
             prompt=found.get("prompt") or message.content or "a variation of this image",
@@ -96,19 +97,19 @@ class ContextMenus(commands.Cog):
 
     async def edit(self, interaction: discord.Interaction, message: discord.Message) -> None:
         attachment = first_image(message)
-        found = await stored_parameters(self.bot, attachment)
+        found = await stored_parameters(services(interaction), attachment)
         await interaction.response.send_modal(PromptModal(self, attachment, found, "img2img"))
 
     async def inpaint(self, interaction: discord.Interaction, message: discord.Message) -> None:
         attachment = first_image(message)
-        found = await stored_parameters(self.bot, attachment)
+        found = await stored_parameters(services(interaction), attachment)
         await interaction.response.send_modal(PromptModal(self, attachment, found, "inpaint"))
 
     async def show_parameters(
         self, interaction: discord.Interaction, message: discord.Message
     ) -> None:
         attachment = first_image(message)
-        found = await stored_parameters(self.bot, attachment)
+        found = await stored_parameters(services(interaction), attachment)
         if not found:
             raise InvalidRequest(f"`{attachment.filename}` carries no generation parameters.")
         reply = format_parameters_reply(attachment.filename, found)
@@ -156,9 +157,8 @@ class PromptModal(discord.ui.Modal):
     async def on_error(  # type: ignore[override]
         self, interaction: discord.Interaction, error: Exception, /
     ) -> None:
-        bot: SdBot = interaction.client  # type: ignore[assignment]
-        await bot.report(interaction, error)
+        await report(interaction, error)
 
 
-async def setup(bot: SdBot) -> None:
+async def setup(bot: commands.Bot) -> None:
     await bot.add_cog(ContextMenus(bot))

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot import jobs
-from bot.discord_front.intake import (
-    check_attachment,
-    input_loader,
-    jsonable,
-    origin_of,
-    start_job,
-)
-from bot.discord_front.options import (
-    DESCRIBE,
-    DESCRIBE_EDIT,
-    lora_autocomplete,
-    model_autocomplete,
-    scheduler_autocomplete,
-    size_autocomplete,
-)
-from bot.errors import SdbotError
+from bot.discord_front.intake import check_attachment, input_loader, recording_refusals
+from bot.discord_front.options import DESCRIBE, DESCRIBE_EDIT, image_option_autocomplete
+from bot.discord_front.services import services
+from bot.discord_front.ui import start_job
 from bot.inputs import parse_loras, parse_size
-
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
 
 Prompt = app_commands.Range[str, 1, jobs.MAX_PROMPT_CHARS]
 Negative = app_commands.Range[str, 0, jobs.MAX_PROMPT_CHARS]
@@ -40,9 +25,6 @@ Strength = app_commands.Range[float, jobs.MIN_STRENGTH, jobs.MAX_STRENGTH]
 
 
 class Generate(commands.Cog):
-    def __init__(self, bot: SdBot) -> None:
-        self.bot = bot
-
     async def _params(
         self,
         interaction: discord.Interaction,
@@ -71,14 +53,13 @@ class Generate(commands.Cog):
             "steps": steps, "guidance": guidance, "scheduler": scheduler, "seed": seed,
             "count": count, "lora": lora, **extra,
         }  # fmt: skip
-        try:
+        svc = services(interaction)
+        async with recording_refusals(interaction, command, given):
             for what, attachment in (attachments or {}).items():
-                check_attachment(self.bot, attachment, what)
-            defaults = await self.bot.defaults_for(interaction.guild_id)
+                check_attachment(svc, attachment, what)
+            defaults = await svc.defaults_for(interaction.guild_id)
             # A member may only name catalog models; the owner's default may be any source.
-            entry = (
-                self.bot.catalog.get(model) if model else self.bot.catalog.resolve(defaults.model)
-            )
+            entry = svc.catalog.get(model) if model else svc.catalog.resolve(defaults.model)
             width = height = entry.native_size
             if size:
                 width, height = parse_size(size)
@@ -92,25 +73,16 @@ class Generate(commands.Cog):
                 "guidance": guidance if guidance is not None else defaults.guidance,
                 "scheduler": scheduler or defaults.scheduler,
                 "count": count,
-                "loras": parse_loras(lora, self.bot.catalog.loras()) if lora else (),
+                "loras": parse_loras(lora, svc.catalog.loras()) if lora else (),
                 **extra,
             }
-        except SdbotError as exc:
-            origin = origin_of(interaction, command)
-            await self.bot.db.record_rejected(origin, jsonable(given), exc.reason, exc.message)
-            raise
         if seed is not None:
             params["seed"] = seed
         return params
 
     @app_commands.command(name="imagine", description="Create images from a text prompt")
     @app_commands.describe(**DESCRIBE)
-    @app_commands.autocomplete(
-        model=model_autocomplete,
-        size=size_autocomplete,
-        scheduler=scheduler_autocomplete,
-        lora=lora_autocomplete,
-    )
+    @image_option_autocomplete
     async def imagine(
         self,
         interaction: discord.Interaction,
@@ -135,12 +107,7 @@ class Generate(commands.Cog):
         name="img2img", description="Repaint an image you attach, guided by a prompt"
     )
     @app_commands.describe(image="The picture to start from", **DESCRIBE, **DESCRIBE_EDIT)
-    @app_commands.autocomplete(
-        model=model_autocomplete,
-        size=size_autocomplete,
-        scheduler=scheduler_autocomplete,
-        lora=lora_autocomplete,
-    )
+    @image_option_autocomplete
     async def img2img(
         self,
         interaction: discord.Interaction,
@@ -173,12 +140,7 @@ class Generate(commands.Cog):
         **DESCRIBE,
         **DESCRIBE_EDIT,
     )
-    @app_commands.autocomplete(
-        model=model_autocomplete,
-        size=size_autocomplete,
-        scheduler=scheduler_autocomplete,
-        lora=lora_autocomplete,
-    )
+    @image_option_autocomplete
     async def inpaint(
         self,
         interaction: discord.Interaction,
@@ -219,9 +181,11 @@ class Generate(commands.Cog):
         params = await self._params(interaction, mode, extra, attachments=attachments, **options)
         # An explicit size is kept; otherwise the picture's aspect decides.
         size = (params["width"], params["height"]) if options.get("size") else None
-        load = input_loader(self.bot, params, image.url, mask_url=extra.get("mask_url"), size=size)
+        load = input_loader(
+            services(interaction), params, image.url, mask_url=extra.get("mask_url"), size=size
+        )
         await start_job(interaction, command=mode, params=params, load_images=load)
 
 
-async def setup(bot: SdBot) -> None:
-    await bot.add_cog(Generate(bot))
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Generate())

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot import imaging
+from bot.db import Database
 from bot.discord_front.intake import check_attachment
+from bot.discord_front.policy import can_moderate, manages_messages
 from bot.discord_front.replies import short
-from bot.discord_front.ui import can_moderate, manages_messages
+from bot.discord_front.services import services
 from bot.errors import InvalidRequest
 from cogs.context_menus import format_parameters_reply
-
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
 
 STATUS_ICONS = {
     "queued": "⏳", "running": "🎨", "finished": "✅", "failed": "❌",
@@ -31,17 +30,13 @@ def jump_url(guild_id: int | None, channel_id: int | None, message_id: int | Non
 
 
 class Info(commands.Cog):
-    def __init__(self, bot: SdBot) -> None:
-        self.bot = bot
-
     @app_commands.command(name="queue", description="Your jobs and their places in the queue")
     async def queue(self, interaction: discord.Interaction) -> None:
-        status = self.bot.executor.status()
-        mine = [
-            row for row in await self.bot.db.active_jobs() if row["user_id"] == interaction.user.id
-        ]
+        svc = services(interaction)
+        status = svc.backend.status()
+        mine = await _active_jobs_of(svc.db, interaction.user.id)
         lines = [f"**Queue:** {status.queue_length} waiting · {len(status.running)} running"]
-        positions = self.bot.executor.positions()
+        positions = svc.backend.positions()
         for row in mine:
             where = (
                 "running now"
@@ -59,21 +54,18 @@ class Info(commands.Cog):
     )
     @app_commands.describe(job="Job number (see /queue); default: your latest")
     async def cancel(self, interaction: discord.Interaction, job: int | None = None) -> None:
+        svc = services(interaction)
         if job is None:
-            mine = [
-                row
-                for row in await self.bot.db.active_jobs()
-                if row["user_id"] == interaction.user.id
-            ]
+            mine = await _active_jobs_of(svc.db, interaction.user.id)
             if not mine:
                 raise InvalidRequest("You have no jobs waiting or running.")
             job = int(mine[-1]["id"])
-        row = await self.bot.db.get_job(job)
+        row = await svc.db.get_job(job)
         if row is None:
             raise InvalidRequest(f"There is no job #{job}.")
         if not can_moderate(interaction, row["user_id"]):
             raise InvalidRequest("You can only cancel your own jobs.")
-        if not await self.bot.executor.cancel(job):
+        if not await svc.backend.cancel(job):
             raise InvalidRequest(f"Job #{job} is already {row['status']}.")
         await interaction.response.send_message(f"✖️ Cancelling job #{job}.", ephemeral=True)
 
@@ -85,7 +77,7 @@ class Info(commands.Cog):
         target = user or interaction.user
         if target.id != interaction.user.id and not manages_messages(interaction):
             raise InvalidRequest("Only moderators can see other members' history.")
-        rows = await self.bot.db.list_jobs(
+        rows = await services(interaction).db.list_jobs(
             user_id=target.id, guild_id=interaction.guild_id, limit=10
         )
         if not rows:
@@ -110,10 +102,11 @@ class Info(commands.Cog):
 
     @app_commands.command(name="models", description="The models this server can use")
     async def models(self, interaction: discord.Interaction) -> None:
-        loaded = set(self.bot.executor.status().loaded_models)
-        allowed = await self.bot.allowed_models(interaction.guild_id)
+        svc = services(interaction)
+        loaded = set(svc.backend.status().loaded_models)
+        allowed = await svc.allowed_models(interaction.guild_id)
         lines = ["**Models** (● loaded now)"]
-        for entry in self.bot.catalog.entries:
+        for entry in svc.catalog.entries:
             if entry.name not in allowed:
                 continue
             mark = "●" if entry.name in loaded else "○"
@@ -130,7 +123,7 @@ class Info(commands.Cog):
         image="A PNG made by sdbot, AUTOMATIC1111 or another tool that stores them"
     )
     async def pnginfo(self, interaction: discord.Interaction, image: discord.Attachment) -> None:
-        check_attachment(self.bot, image, "image")
+        check_attachment(services(interaction), image, "image")
         data = await image.read()
         text = imaging.read_parameters(data) if data.startswith(b"\x89PNG") else None
         if not text:
@@ -139,5 +132,10 @@ class Info(commands.Cog):
         await interaction.response.send_message(reply, ephemeral=True)
 
 
-async def setup(bot: SdBot) -> None:
-    await bot.add_cog(Info(bot))
+async def _active_jobs_of(db: Database, user_id: int) -> list[Any]:
+    """One member's queued and running jobs, oldest first."""
+    return [row for row in await db.active_jobs() if row["user_id"] == user_id]
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Info())

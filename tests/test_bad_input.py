@@ -112,8 +112,8 @@ def click_after_row_deleted() -> Action:
         job = msg["content"].rsplit("#", 1)[1]
         # Through the bot's own connection: a second writer on this event loop would wait for
         # a lock the bot can only release once the loop runs again.
-        await h.bot.db.conn.execute("DELETE FROM jobs WHERE id=?", (int(job),))
-        await h.bot.db.conn.commit()
+        await h.bot.services.db.conn.execute("DELETE FROM jobs WHERE id=?", (int(job),))
+        await h.bot.services.db.conn.commit()
         return await c.click(msg["id"], f"sdbot:reroll:{job}")
 
     return act

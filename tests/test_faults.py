@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from bench.harness import Harness, running_bot
 from bot.engine import Engine
 from bot.errors import GpuOutOfMemory
@@ -123,12 +125,10 @@ async def test_kill_9_during_a_job_then_restart_interrupts_and_tells_the_user(
             await asyncio.sleep(0.05)
         raise TimeoutError("the bot did not connect")
 
-    import aiohttp
-
     proc = await start()
     try:
         async with aiohttp.ClientSession() as session:
-            c = ControlClient(url, session)
+            c = ControlClient(url, session, token=server.control_token)
             await c.slash("imagine", {"prompt": "doomed", "steps": 150, "size": "256x256"})
             for _ in range(600):
                 if statuses(db_path) == [("doomed", "running", None)]:

@@ -1,8 +1,9 @@
 """From a Discord interaction to a queued job: the one path every generation entry point takes.
 
 Slash commands, context menus, modals and buttons all end here: options become a validated
-GenerationRequest, refusals become ephemeral replies and `rejected` rows, accepted jobs are
-deferred and followed until their images are posted.
+GenerationRequest, refusals become ephemeral replies and `rejected` rows (through
+`recording_refusals`, the one place the front records them), accepted jobs are deferred.
+Following a job to its images is ui.start_job's part, as the buttons under them live there.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import discord
 from PIL import Image
@@ -19,13 +20,11 @@ from PIL import Image
 from bot import imaging
 from bot.backend import Job, JobOrigin
 from bot.discord_front.policy import check_access, check_limits
-from bot.discord_front.replies import JobFollower
+from bot.discord_front.replies import replace_with_error
+from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest, SdbotError
 from bot.inputs import input_size
 from bot.jobs import GenerationRequest
-
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
 
 ImageLoader = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -53,13 +52,28 @@ def jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+@contextlib.asynccontextmanager
+async def recording_refusals(
+    interaction: discord.Interaction, command: str, params: Mapping[str, Any]
+) -> AsyncIterator[None]:
+    """Record a refusal raised inside as a `rejected` job row (for /history and /stats),
+    then let it on to the error handler, which tells the member."""
+    try:
+        yield
+    except SdbotError as exc:
+        origin = origin_of(interaction, command)
+        db = services(interaction).db
+        await db.record_rejected(origin, jsonable(params), exc.reason, exc.message)
+        raise
+
+
 async def read_image(
-    bot: SdBot, url: str, *, what: str = "image", keep_alpha: bool = False
+    svc: Services, url: str, *, what: str = "image", keep_alpha: bool = False
 ) -> Image.Image:
     """Download an image (attachment or earlier result) and decode it off the event loop."""
-    limit = int(bot.settings.max_attachment_mb * 1024 * 1024)
+    limit = int(svc.settings.max_attachment_mb * 1024 * 1024)
     try:
-        async with bot.http_session.get(url) as resp:
+        async with svc.http.get(url) as resp:
             if resp.status != 200:
                 raise InvalidRequest(f"The {what} could not be downloaded (HTTP {resp.status}).")
             data = await resp.content.read(limit + 1)
@@ -73,19 +87,19 @@ async def read_image(
         imaging.decode_attachment,
         data,
         max_bytes=limit,
-        max_pixels=bot.settings.max_attachment_pixels,
+        max_pixels=svc.settings.max_attachment_pixels,
         what=what,
         keep_alpha=keep_alpha,
     )
 
 
-def check_attachment(bot: SdBot, attachment: discord.Attachment, what: str) -> None:
+def check_attachment(svc: Services, attachment: discord.Attachment, what: str) -> None:
     """What Discord tells us up front, checked before deferring so the error is ephemeral."""
     ctype = (attachment.content_type or "").split(";")[0]
     if not ctype.startswith("image/"):
         kind = ctype or "file of unknown type"
         raise InvalidRequest(f"The {what} must be an image (PNG, JPEG, WebP or GIF); got a {kind}.")
-    limit_mb = bot.settings.max_attachment_mb
+    limit_mb = svc.settings.max_attachment_mb
     if attachment.size > limit_mb * 1024 * 1024:
         raise InvalidRequest(
             f"The {what} is {attachment.size / 1048576:.1f} MB; the limit is {limit_mb:g} MB."
@@ -95,7 +109,7 @@ def check_attachment(bot: SdBot, attachment: discord.Attachment, what: str) -> N
 
 
 def input_loader(
-    bot: SdBot,
+    svc: Services,
     params: dict[str, Any],
     image_url: str,
     *,
@@ -108,7 +122,7 @@ def input_loader(
     inpaint = params["mode"] == "inpaint"
 
     async def load() -> dict[str, Any]:
-        picture = await read_image(bot, image_url, keep_alpha=inpaint)
+        picture = await read_image(svc, image_url, keep_alpha=inpaint)
         native = max(params["width"], params["height"])
         target = size or input_size(picture.width, picture.height, native)
         params["width"], params["height"] = target
@@ -118,7 +132,7 @@ def input_loader(
             "init_image": picture.convert("RGB").resize(target, Image.Resampling.LANCZOS),
         }
         if inpaint:
-            mask = await read_image(bot, mask_url, what="mask") if mask_url else None
+            mask = await read_image(svc, mask_url, what="mask") if mask_url else None
             out["mask_image"] = imaging.prepare_mask(
                 picture if mask is None else None, mask, target
             )
@@ -127,20 +141,21 @@ def input_loader(
     return load
 
 
-async def start_job(
+async def queue_job(
     interaction: discord.Interaction,
     *,
     command: str,
     params: dict[str, Any],
     load_images: ImageLoader | None = None,
-) -> None:
-    """Validate, queue, defer and follow one job.
+) -> tuple[Job, int | None] | None:
+    """Validate, queue and defer one job: the job and the id of the deferred message.
 
     Without images everything is checked before the defer, so refusals are ephemeral replies
     (raised to the caller's error handler). With images the defer comes first (downloads may
-    outlast Discord's 3 s) and a refusal replaces the deferred message with an ephemeral one.
+    outlast Discord's 3 s) and a refusal replaces the deferred message with an ephemeral one
+    (and None is returned).
     """
-    bot: SdBot = interaction.client  # type: ignore[assignment]
+    svc = services(interaction)
     origin = origin_of(interaction, command)
 
     # Where the inputs came from is kept in the job row (for Reroll after a restart), not
@@ -149,36 +164,32 @@ async def start_job(
     provenance = {k: v for k, v in params.items() if k not in fields}
 
     async def build() -> tuple[GenerationRequest, int]:
-        try:
-            config = await check_access(bot, interaction, params)
+        async with recording_refusals(interaction, command, params):
+            config = await check_access(svc, interaction, params)
             extra = await load_images() if load_images is not None else {}
             merged = {**params, **extra}
             request = GenerationRequest(**{k: v for k, v in merged.items() if k in fields})
             check_limits(config, request)
             return request, int(config.user_queue_cap)
-        except SdbotError as exc:
-            await bot.db.record_rejected(origin, jsonable(params), exc.reason, exc.message)
-            raise
 
     async def submit(request: GenerationRequest, user_limit: int) -> Job:
-        job = await bot.executor.submit(origin, request, user_limit=user_limit)
+        job = await svc.backend.submit(origin, request, user_limit=user_limit)
         if provenance:
-            await bot.db.merge_params(job.id, jsonable(provenance))
+            await svc.db.merge_params(job.id, jsonable(provenance))
         return job
 
     if load_images is None:
         request, user_limit = await build()
         job = await submit(request, user_limit)
-        original_id = await _defer(interaction)
-    else:
-        original_id = await _defer(interaction)
-        try:
-            request, user_limit = await build()
-            job = await submit(request, user_limit)
-        except SdbotError as exc:
-            await replace_with_error(interaction, exc.message)
-            return
-    await JobFollower(bot, interaction, job, original_id).run()
+        return job, await _defer(interaction)
+    original_id = await _defer(interaction)
+    try:
+        request, user_limit = await build()
+        job = await submit(request, user_limit)
+    except SdbotError as exc:
+        await replace_with_error(interaction, exc.message)
+        return None
+    return job, original_id
 
 
 async def _defer(interaction: discord.Interaction) -> int | None:
@@ -186,11 +197,3 @@ async def _defer(interaction: discord.Interaction) -> int | None:
         return None
     ack = await interaction.response.defer(thinking=True)
     return ack.message_id if ack is not None else None
-
-
-async def replace_with_error(interaction: discord.Interaction, message: str) -> None:
-    """After a public defer: drop the 'thinking' message, tell only the user why."""
-    with contextlib.suppress(discord.HTTPException):
-        await interaction.delete_original_response()
-    with contextlib.suppress(discord.HTTPException):
-        await interaction.followup.send(f"⚠️ {message}", ephemeral=True)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TypeVar
 
 import discord
 from discord import app_commands
 
 from bot import jobs
+from bot.discord_front.services import services
 from bot.inputs import size_suggestions
+from bot.samplers import SCHEDULER_NAMES
 
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
+T = TypeVar("T")
 
 MAX_CHOICES = 25  # Discord shows at most 25 suggestions
 
@@ -34,6 +36,23 @@ DESCRIBE_EDIT = {
 }
 
 
+def scheduler_choices() -> list[str]:
+    """What a scheduler option accepts: the model's own, or a sampler by its A1111 name."""
+    return ["default", *SCHEDULER_NAMES]
+
+
+def image_option_autocomplete(command: T) -> T:
+    """The autocompletes every image-making command shares. A fresh mapping per command:
+    discord.py consumes the one it is given."""
+    complete: Callable[[T], T] = app_commands.autocomplete(
+        model=model_autocomplete,
+        size=size_autocomplete,
+        scheduler=scheduler_autocomplete,
+        lora=lora_autocomplete,
+    )
+    return complete(command)
+
+
 def _matching(values: list[str], current: str) -> list[app_commands.Choice[str]]:
     needle = current.strip().lower()
     hits = [v for v in values if needle in v.lower()] if needle else values
@@ -43,39 +62,35 @@ def _matching(values: list[str], current: str) -> list[app_commands.Choice[str]]
 async def model_autocomplete(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    bot: SdBot = interaction.client  # type: ignore[assignment]
-    return _matching(await bot.allowed_models(interaction.guild_id), current)
+    return _matching(await services(interaction).allowed_models(interaction.guild_id), current)
 
 
 async def scheduler_autocomplete(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    from bot.samplers import SCHEDULER_NAMES
-
-    return _matching(["default", *SCHEDULER_NAMES], current)
+    return _matching(scheduler_choices(), current)
 
 
 async def lora_autocomplete(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    bot: SdBot = interaction.client  # type: ignore[assignment]
     # Complete the last comma-separated name, keeping what was typed before it.
     head, _, last = current.rpartition(",")
     prefix = f"{head}, " if head else ""
     return [
         app_commands.Choice(name=(prefix + c.value)[:100], value=(prefix + c.value)[:100])
-        for c in _matching(bot.catalog.loras(), last)
+        for c in _matching(services(interaction).catalog.loras(), last)
     ]
 
 
 async def size_autocomplete(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    bot: SdBot = interaction.client  # type: ignore[assignment]
+    svc = services(interaction)
     namespace_model = getattr(interaction.namespace, "model", None)
-    defaults = await bot.defaults_for(interaction.guild_id)
+    defaults = await svc.defaults_for(interaction.guild_id)
     try:
-        catalog = bot.catalog
+        catalog = svc.catalog
         entry = catalog.get(namespace_model) if namespace_model else catalog.resolve(defaults.model)
         native = entry.native_size
     except Exception:

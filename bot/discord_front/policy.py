@@ -7,16 +7,14 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 
+from bot.discord_front.services import Services
 from bot.errors import SdbotError
 from bot.guild_config import GuildConfig
 from bot.jobs import GenerationRequest
-
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
 
 
 class Refused(SdbotError):
@@ -28,6 +26,7 @@ class Refused(SdbotError):
 
 
 def utcnow() -> datetime:
+    """Now, as an aware datetime; one name so tests can move the clock of every rule."""
     return datetime.now(UTC)
 
 
@@ -53,9 +52,21 @@ def blocked_match(prompt: str, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
-def is_moderator(interaction: discord.Interaction) -> bool:
+def manages_guild(interaction: discord.Interaction) -> bool:
+    """Manage Server (or admin) here: server admins, exempt from cooldowns and quotas."""
     perms = interaction.permissions
     return bool(perms.manage_guild or perms.administrator)
+
+
+def manages_messages(interaction: discord.Interaction) -> bool:
+    """A moderator of members' messages here (Manage Messages, Manage Server or admin)."""
+    perms = interaction.permissions
+    return bool(perms.manage_messages or perms.manage_guild or perms.administrator)
+
+
+def can_moderate(interaction: discord.Interaction, owner_id: int) -> bool:
+    """The job's owner, or someone who may manage messages here."""
+    return interaction.user.id == owner_id or manages_messages(interaction)
 
 
 def _in_words(delta: timedelta) -> str:
@@ -68,13 +79,13 @@ def _in_words(delta: timedelta) -> str:
 
 
 async def check_access(
-    bot: SdBot, interaction: discord.Interaction, params: dict[str, Any]
+    svc: Services, interaction: discord.Interaction, params: dict[str, Any]
 ) -> GuildConfig:
     """Rules that need no images: run before anything is downloaded or queued."""
     guild_id = interaction.guild_id
-    config = await bot.guild_configs.get(guild_id)
+    config = await svc.guild_configs.get(guild_id)
     if guild_id is None:
-        if not bot.settings.allow_dms:
+        if not svc.settings.allow_dms:
             raise Refused("dm", "sdbot only works in servers, not in direct messages.")
         return config
     channel = interaction.channel
@@ -84,7 +95,7 @@ async def check_access(
     if not channel_ok:
         where = ", ".join(f"<#{c}>" for c in config.channels[:5])
         raise Refused("channel", f"Image commands are not enabled in this channel. Try {where}.")
-    reason = await bot.db.ban_reason(guild_id, interaction.user.id)
+    reason = await svc.db.ban_reason(guild_id, interaction.user.id)
     if reason is not None:
         raise Refused(
             "banned", "You can't use sdbot in this server" + (f": {reason}" if reason else ".")
@@ -100,18 +111,18 @@ async def check_access(
             "model",
             f"The model {model!r} is not enabled here. Use: {', '.join(config.allowed_models)}.",
         )
-    if not is_moderator(interaction):
-        await _check_cooldown_and_quota(bot, config, guild_id, interaction.user.id, params)
+    if not manages_guild(interaction):
+        await _check_cooldown_and_quota(svc, config, guild_id, interaction.user.id, params)
     return config
 
 
 async def _check_cooldown_and_quota(
-    bot: SdBot, config: GuildConfig, guild_id: int, user_id: int, params: dict[str, Any]
+    svc: Services, config: GuildConfig, guild_id: int, user_id: int, params: dict[str, Any]
 ) -> None:
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     since = midnight.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    images, gpu_seconds, last = await bot.db.usage_since(guild_id, user_id, since)
+    images, gpu_seconds, last = await svc.db.usage_since(guild_id, user_id, since)
     if config.cooldown_seconds and last:
         ready = datetime.fromisoformat(last.replace("Z", "+00:00")) + timedelta(
             seconds=config.cooldown_seconds
@@ -121,7 +132,7 @@ async def _check_cooldown_and_quota(
                 "cooldown",
                 f"Slow down a little: you can start another job in {_in_words(ready - now)}.",
             )
-    quota = await bot.db.user_quota(guild_id, user_id)
+    quota = await svc.db.user_quota(guild_id, user_id)
     if quota is None:
         quota = config.daily_quota
     if quota:
@@ -130,7 +141,7 @@ async def _check_cooldown_and_quota(
             if gpu_seconds >= quota:
                 raise Refused("quota", f"You've used your {quota} GPU-seconds for today; {reset}.")
         else:
-            pending = await bot.db.pending_images(guild_id, user_id)
+            pending = await svc.db.pending_images(guild_id, user_id)
             wanted = int(params.get("count") or 1)
             if images + pending + wanted > quota:
                 left = max(0, quota - images - pending)

@@ -1,6 +1,7 @@
 """Discord replies in one place: progress, results, errors, and Discord's limits.
 
-Nothing here touches the GPU; PNG re-encoding for upload limits runs in a thread.
+Nothing here touches the GPU; PNG re-encoding for upload limits runs in a thread. The buttons
+under messages come from ui.py, which starts jobs itself: they are passed in, not imported.
 """
 
 from __future__ import annotations
@@ -10,18 +11,19 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import discord
+from discord import app_commands
 from PIL import Image
 
 from bot import outputs
 from bot.backend import Failed, Finished, Job, Progress, Queued, Started
 from bot.discord_front.policy import nsfw_action
-
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
+from bot.discord_front.services import Services
+from bot.errors import SdbotError
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +116,18 @@ class JobFollower:
     """Mirrors one job into Discord: progress edits on the deferred message, then the result."""
 
     def __init__(
-        self, bot: SdBot, interaction: discord.Interaction, job: Job, original_id: int | None
+        self,
+        svc: Services,
+        interaction: discord.Interaction,
+        job: Job,
+        original_id: int | None,
+        *,
+        progress_view: Callable[[int], discord.ui.View],
+        result_view: Callable[[int, int], discord.ui.View],
     ) -> None:
-        self.bot = bot
+        self.svc = svc
+        self.progress_view = progress_view  # (job id) -> the Cancel button
+        self.result_view = result_view  # (job id, image count) -> the buttons under a result
         self.interaction = interaction
         self.job = job
         self.original_id = original_id
@@ -124,9 +135,7 @@ class JobFollower:
         self._last_edit = 0.0
 
     async def run(self) -> None:
-        from bot.discord_front.ui import progress_view
-
-        view = progress_view(self.job.id)
+        view = self.progress_view(self.job.id)
         async for event in self.job.stream():
             if isinstance(event, (Queued, Started, Progress)):
                 now = time.monotonic()
@@ -164,13 +173,11 @@ class JobFollower:
             log.warning("progress edit failed for job %d: %s", self.job.id, exc)
 
     async def _deliver(self, done: Finished) -> None:
-        from bot.discord_front.ui import result_view
-
         job = self.job
-        folder = self.bot.settings.outputs_dir
+        folder = self.svc.settings.outputs_dir
         if folder is not None:
             paths = await asyncio.to_thread(outputs.save, folder, job.id, done.images, done.seeds)
-            await self.bot.db.set_outputs(job.id, paths)
+            await self.svc.db.set_outputs(job.id, paths)
         mention = self.interaction.user.mention
         content = result_text(job, done, mention)
         if done.grid is not None:
@@ -183,7 +190,7 @@ class JobFollower:
         limit = getattr(self.interaction, "filesize_limit", None) or DEFAULT_UPLOAD_LIMIT
         spoiler = False
         if any(done.nsfw):
-            config = await self.bot.guild_configs.get(self.interaction.guild_id)
+            config = await self.svc.guild_configs.get(self.interaction.guild_id)
             action = nsfw_action(config, self.interaction.channel)
             if action == "block":
                 images = []
@@ -194,7 +201,7 @@ class JobFollower:
             content += (
                 "\n-# Re-encoded to fit this server's upload limit; the PNG metadata was dropped."
             )
-        view = result_view(job.id, len(done.images))
+        view = self.result_view(job.id, len(done.images))
         message: discord.Message | None = None
         try:
             message = await self.interaction.followup.send(
@@ -205,7 +212,7 @@ class JobFollower:
             log.info("followup failed for job %d (%s); posting to the channel", job.id, exc)
             for file in files:
                 file.reset()
-            channel = self.bot.get_partial_messageable(job.origin.channel_id or 0)
+            channel = self.interaction.client.get_partial_messageable(job.origin.channel_id or 0)
             try:
                 message = await channel.send(content=content, files=files, view=view)
             except discord.HTTPException:
@@ -217,4 +224,53 @@ class JobFollower:
                 # so the user gets a notification, as with Midjourney.
                 with contextlib.suppress(discord.HTTPException):
                     await self.interaction.delete_original_response()
-        await self.bot.db.set_message_id(job.id, message.id)
+        await self.svc.db.set_message_id(job.id, message.id)
+
+
+async def report(interaction: discord.Interaction, error: BaseException) -> None:
+    """The one place errors become replies: domain errors verbatim, the rest as a short note.
+
+    Used by the command tree, buttons and modals alike; the user never sees a traceback.
+    """
+    where = _command_name(interaction)
+    if isinstance(error, SdbotError):
+        message = error.message
+        log.info("refused %s for %s: %s", where, interaction.user.id, message)
+    elif isinstance(error, app_commands.CheckFailure):
+        message = str(error) or "You can't use this command here."
+    elif isinstance(error, app_commands.TransformerError):
+        message = f"That value isn't valid: {error.value!r}."
+    else:
+        log.error(
+            "unexpected error in %s (interaction %s):\n%s",
+            where,
+            interaction.id,
+            "".join(traceback.format_exception(error)),
+        )
+        message = f"Something went wrong on our side (ref `{interaction.id}`). It has been logged."
+    await send_ephemeral(interaction, f"⚠️ {message}")
+
+
+def _command_name(interaction: discord.Interaction) -> str:
+    if interaction.command is not None:
+        return f"/{interaction.command.qualified_name}"
+    data: Any = interaction.data or {}
+    return f"component {data.get('custom_id', '?')}"
+
+
+async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException:
+        log.warning("could not deliver an error message for interaction %s", interaction.id)
+
+
+async def replace_with_error(interaction: discord.Interaction, message: str) -> None:
+    """After a public defer: drop the 'thinking' message, tell only the user why."""
+    with contextlib.suppress(discord.HTTPException):
+        await interaction.delete_original_response()
+    with contextlib.suppress(discord.HTTPException):
+        await interaction.followup.send(f"⚠️ {message}", ephemeral=True)

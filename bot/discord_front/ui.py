@@ -1,22 +1,26 @@
-"""Buttons and modals under results. Buttons are DynamicItems: their custom_id carries the job
-id and everything else comes from the job row, so they keep working after a restart."""
+"""Buttons and modals under results, and `start_job`, which queues a job and follows it to
+its result with those buttons under it (buttons start jobs too, hence one module).
+
+Buttons are DynamicItems: their custom_id carries the job id and everything else comes from
+the job row, so they keep working after a restart."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from PIL import Image
 
-from bot.discord_front.intake import input_loader, read_image, start_job
+from bot import imaging
+from bot.discord_front.intake import ImageLoader, input_loader, queue_job, read_image
+from bot.discord_front.policy import can_moderate
+from bot.discord_front.replies import JobFollower, report
+from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest
-from bot.jobs import MAX_SIZE, new_seed, snap_to_8
-
-if TYPE_CHECKING:
-    from bot.discord_front.app import SdBot
+from bot.jobs import MAX_SIZE, LoraSpec, new_seed, snap_to_8
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +29,28 @@ VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.3
 
 
-def manages_messages(interaction: discord.Interaction) -> bool:
-    """A moderator of members' messages here (Manage Messages, Manage Server or admin)."""
-    perms = interaction.permissions
-    return bool(perms.manage_messages or perms.manage_guild or perms.administrator)
-
-
-def can_moderate(interaction: discord.Interaction, owner_id: int) -> bool:
-    """The job's owner, or someone who may manage messages here."""
-    return interaction.user.id == owner_id or manages_messages(interaction)
+async def start_job(
+    interaction: discord.Interaction,
+    *,
+    command: str,
+    params: dict[str, Any],
+    load_images: ImageLoader | None = None,
+) -> None:
+    """Queue one job (see intake.queue_job), then mirror it into Discord until its images
+    are posted."""
+    queued = await queue_job(interaction, command=command, params=params, load_images=load_images)
+    if queued is None:
+        return
+    job, original_id = queued
+    follower = JobFollower(
+        services(interaction),
+        interaction,
+        job,
+        original_id,
+        progress_view=progress_view,
+        result_view=result_view,
+    )
+    await follower.run()
 
 
 class JobButton(
@@ -67,16 +84,15 @@ class JobButton(
         return cls(match["action"], int(match["job"]), int(index) if index is not None else None)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: SdBot = interaction.client  # type: ignore[assignment]
         try:
-            await self._dispatch(bot, interaction)
+            await self._dispatch(services(interaction), interaction)
         except Exception as exc:
-            await bot.report(interaction, exc)
+            await report(interaction, exc)
 
-    async def _dispatch(self, bot: SdBot, interaction: discord.Interaction) -> None:
+    async def _dispatch(self, svc: Services, interaction: discord.Interaction) -> None:
         if self.action not in ACTIONS:
             raise InvalidRequest("This button is not one sdbot knows.")
-        row = await bot.db.get_job(self.job_id)
+        row = await svc.db.get_job(self.job_id)
         if row is None:
             raise InvalidRequest(f"Job #{self.job_id} no longer exists.")
         params = json.loads(row["params"])
@@ -85,7 +101,7 @@ class JobButton(
                 raise InvalidRequest(
                     "Only the person who started this job (or a moderator) can cancel it."
                 )
-            if not await bot.executor.cancel(self.job_id):
+            if not await svc.backend.cancel(self.job_id):
                 raise InvalidRequest(f"Job #{self.job_id} has already finished.")
             await interaction.response.send_message("Cancelling…", ephemeral=True)
         elif self.action == "delete":
@@ -101,14 +117,13 @@ class JobButton(
         elif self.action == "reroll":
             await _rerun(interaction, params, command="reroll", seed=new_seed())
         elif self.action in ("vary", "upscale"):
-            await _from_result_image(bot, interaction, params, self.action, self.index or 1)
+            await _from_result_image(svc, interaction, params, self.action, self.index or 1)
 
 
 async def _rerun(
     interaction: discord.Interaction, params: dict[str, Any], *, command: str, **changes: Any
 ) -> None:
     """Run a stored job again with some parameters changed (re-reading its input images)."""
-    bot: SdBot = interaction.client  # type: ignore[assignment]
     request_params = _request_params(params)
     request_params.update(changes)
     source_url = params.get("source_url")
@@ -122,14 +137,14 @@ async def _rerun(
     if mask_url:
         request_params["mask_url"] = mask_url
     size = (request_params["width"], request_params["height"])
-    load = input_loader(bot, request_params, source_url, mask_url=mask_url, size=size)
+    load = input_loader(
+        services(interaction), request_params, source_url, mask_url=mask_url, size=size
+    )
     await start_job(interaction, command=command, params=request_params, load_images=load)
 
 
 def _request_params(params: dict[str, Any]) -> dict[str, Any]:
     """A stored row's params back into GenerationRequest keyword arguments."""
-    from bot.jobs import LoraSpec
-
     keys = (
         "prompt", "negative_prompt", "model", "width", "height", "steps", "guidance", "seed",
         "mode", "scheduler", "count", "strength",
@@ -140,7 +155,7 @@ def _request_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _from_result_image(
-    bot: SdBot, interaction: discord.Interaction, params: dict[str, Any], action: str, index: int
+    svc: Services, interaction: discord.Interaction, params: dict[str, Any], action: str, index: int
 ) -> None:
     """V<n>: img2img of result n at a modest strength; U<n>: 2x resize + low-strength img2img."""
     message = interaction.message
@@ -176,9 +191,7 @@ async def _from_result_image(
     source = images[0]
 
     async def load() -> dict[str, Any]:
-        from bot import imaging
-
-        picture = await read_image(bot, source.url, what="result image")
+        picture = await read_image(svc, source.url, what="result image")
         if count > 1:
             picture = imaging.grid_cell(picture, count, index - 1)
         return {"init_image": picture.resize((width, height), Image.Resampling.LANCZOS)}
@@ -216,8 +229,7 @@ class EditPromptModal(discord.ui.Modal, title="Edit the prompt"):
     async def on_error(  # type: ignore[override]
         self, interaction: discord.Interaction, error: Exception, /
     ) -> None:
-        bot: SdBot = interaction.client  # type: ignore[assignment]
-        await bot.report(interaction, error)
+        await report(interaction, error)
 
 
 def progress_view(job_id: int) -> discord.ui.View:
@@ -225,6 +237,13 @@ def progress_view(job_id: int) -> discord.ui.View:
     view.add_item(
         JobButton("cancel", job_id, label="Cancel", emoji="✖️", style=discord.ButtonStyle.danger)
     )
+    return view
+
+
+def rerun_view(job_id: int) -> discord.ui.View:
+    """Under the notice that a restart lost a job."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(JobButton("reroll", job_id, label="Run it again", emoji="🔁"))
     return view
 
 

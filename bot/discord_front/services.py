@@ -1,0 +1,62 @@
+"""What every command, button and modal works with, built once by the runner and injected.
+
+The bot carries one `Services`; handlers reach it through `services(interaction)`, so no
+module of the front needs to know the bot class (and none imports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+import discord
+
+from bot.backend import ImageBackend
+from bot.catalog import Catalog
+from bot.db import Database
+from bot.guild_config import GuildConfigs
+from bot.settings import Settings
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a command uses for options the member left empty."""
+
+    model: str
+    steps: int = 20
+    guidance: float = 7.0
+    scheduler: str = "default"
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    db: Database
+    backend: ImageBackend
+    catalog: Catalog
+    guild_configs: GuildConfigs
+    # For attachments and earlier results; its timeout keeps a slow CDN from wedging a job.
+    http: aiohttp.ClientSession
+
+    async def defaults_for(self, guild_id: int | None) -> Defaults:
+        config = await self.guild_configs.get(guild_id)
+        return Defaults(
+            model=config.default_model or self.settings.default_model,
+            steps=config.default_steps,
+            guidance=config.default_guidance,
+            scheduler=config.default_scheduler,
+        )
+
+    async def allowed_models(self, guild_id: int | None) -> list[str]:
+        config = await self.guild_configs.get(guild_id)
+        names = self.catalog.names()
+        return [n for n in names if n in config.allowed_models] if config.allowed_models else names
+
+
+def services(interaction: discord.Interaction) -> Services:
+    """The services of the bot that received `interaction` (command, button, modal or
+    autocomplete alike)."""
+    found = getattr(interaction.client, "services", None)
+    if not isinstance(found, Services):
+        raise TypeError(f"{type(interaction.client).__name__} was built without sdbot's Services")
+    return found
