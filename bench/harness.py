@@ -61,7 +61,8 @@ async def running_bot(
                 if ready not in done:
                     raise TimeoutError("the bot did not become ready within 30 s")
                 async with aiohttp.ClientSession() as session:
-                    yield Harness(server, bot, ControlClient(url, session), settings)
+                    control = ControlClient(url, session, token=server.control_token)
+                    yield Harness(server, bot, control, settings)
             finally:
                 await bot.close()
                 with contextlib.suppress(asyncio.CancelledError):

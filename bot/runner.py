@@ -18,6 +18,7 @@ from bot.catalog import Catalog
 from bot.db import Database
 from bot.discord_front.app import SdBot, configure_api_base
 from bot.discord_front.services import Services
+from bot.errors import SettingsError
 from bot.executor import GpuExecutor
 from bot.guild_config import GuildConfigs
 from bot.settings import Settings
@@ -121,13 +122,23 @@ async def run_playground(settings: Settings) -> None:
     from bot.localdiscord.server import LocalDiscord  # only the playground serves it
 
     server = LocalDiscord()
-    url = await server.start(settings.playground_host, settings.playground_port)
+    try:
+        url = await server.start(
+            settings.playground_host,
+            settings.playground_port,
+            allow_remote=settings.playground_allow_remote,
+        )
+    except ValueError as exc:  # a non-loopback bind nobody asked for
+        raise SettingsError(str(exc)) from None
     try:
         await configure_api_base(url)
         local = settings.model_copy(update={"discord_api_base": url})
         async with bot_resources(local, sync=True) as bot, bot:
             _close_on_signals(bot)
-            print(f"sdbot playground: open {url}/ in a browser (Ctrl-C to stop)", flush=True)
+            print(
+                f"sdbot playground: open {server.playground_url} in a browser (Ctrl-C to stop)",
+                flush=True,
+            )
             await bot.start(server.bot_token)
     finally:
         await server.close()

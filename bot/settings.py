@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     playground_host: str = "127.0.0.1"
     playground_port: int = Field(default=8765, ge=0, le=65535)
+    # The playground plays every member and admin: only this machine may reach it unless asked.
+    playground_allow_remote: bool = False
 
     @field_validator("discord_token", mode="before")
     @classmethod

@@ -41,12 +41,16 @@ async def test_the_playground_serves_imagine_and_shuts_down_cleanly(
             line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
             assert line, "playground exited early:\n" + "".join(output)
             output.append(line)
-            if m := re.search(r"open (http://\S+)/ in a browser", line):
+            # The printed address carries the control token in its fragment: /#token=...
+            if m := re.search(r"open (http://\S+) in a browser", line):
                 url = m.group(1)
         drain = asyncio.create_task(_drain(proc.stdout, output))
         async with aiohttp.ClientSession() as session:
-            page = await (await session.get(url + "/")).text()
+            page_url = url.partition("#")[0]
+            page = await (await session.get(page_url)).text()
             assert "sdbot playground" in page
+            async with session.get(page_url.rstrip("/") + "/_control/world") as anonymous:
+                assert anonymous.status == 401, "the control API needs the printed token"
             control = ControlClient(url, session)
             for _ in range(200):
                 if (await control.world(refresh=True))["bot_connected"]:

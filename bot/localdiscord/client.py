@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 import aiohttp
 
@@ -20,13 +21,33 @@ class ControlError(Exception):
 
 
 class ControlClient:
-    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
-        self.base_url = base_url.rstrip("/")
+    """Plays the members through the control API of the server at `base_url`.
+
+    The API needs the server's per-run token: pass `token` (`LocalDiscord.control_token`), or
+    give the playground URL the server printed, whose `#token=...` fragment carries it.
+    """
+
+    def __init__(
+        self, base_url: str, session: aiohttp.ClientSession, *, token: str | None = None
+    ) -> None:
+        url, _, fragment = base_url.partition("#")
+        token = token or parse_qs(fragment).get("token", [None])[0]
+        if not token:
+            raise ValueError(
+                "ControlClient needs the control token: pass token=server.control_token, "
+                "or the playground URL with its #token=... fragment"
+            )
+        self.base_url = url.rstrip("/")
         self.session = session
+        self._headers = {"Authorization": f"Bearer {token}"}
         self._world: dict[str, Any] | None = None
 
     async def _call(self, method: str, path: str, json: Any = None, **kw: Any) -> Any:
-        async with self.session.request(method, self.base_url + path, json=json, **kw) as resp:
+        if method != "GET" and json is None and "data" not in kw:
+            json = {}  # the server takes only JSON (or image bytes) on state-changing requests
+        headers = {**self._headers, **kw.pop("headers", {})}
+        url = self.base_url + path
+        async with self.session.request(method, url, json=json, headers=headers, **kw) as resp:
             body = await resp.json(content_type=None)
             if resp.status >= 400:
                 raise ControlError(resp.status, body)
@@ -52,7 +73,10 @@ class ControlClient:
 
     async def upload(self, data: bytes, filename: str, content_type: str = "") -> dict[str, Any]:
         params = {"filename": filename, "content_type": content_type}
-        return await self._call("POST", "/_control/attachments", data=data, params=params)  # type: ignore[no-any-return]
+        headers = {"Content-Type": "application/octet-stream"}
+        return await self._call(  # type: ignore[no-any-return]
+            "POST", "/_control/attachments", data=data, params=params, headers=headers
+        )
 
     async def slash(
         self,

@@ -6,7 +6,8 @@ import itertools
 import math
 from typing import Any
 
-from bot.localdiscord.state import ALL_PERMISSIONS, ApiError, World
+from bot.localdiscord.records import ALL_PERMISSIONS, ApiError
+from bot.localdiscord.state import World
 
 SUB_COMMAND, SUB_COMMAND_GROUP = 1, 2
 STRING, INTEGER, BOOLEAN, USER, CHANNEL, ROLE, MENTIONABLE, NUMBER, ATTACHMENT = (
