@@ -258,7 +258,7 @@ def _relative_to(value: str, base: Path | None, *, always: bool = False) -> str:
     return value
 
 
-# -- helpers shared with bot.models -------------------------------------------------------
+# -- helpers shared with bot.engine and bench ---------------------------------------------
 
 
 def looks_like_source(text: str) -> bool:
@@ -266,12 +266,17 @@ def looks_like_source(text: str) -> bool:
     return (
         text.startswith("builtin:")
         or text.lower().endswith(SINGLE_FILE_SUFFIXES)
-        or bool(_HUB_ID_RE.match(text))
+        or is_hub_id(text)
         or "/" in text
         or "\\" in text
         or text.startswith(("~", "."))
         or Path(text).expanduser().exists()
     )
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` is spelled like a Hugging Face Hub id (`owner/name`)."""
+    return bool(_HUB_ID_RE.match(text))
 
 
 def probe_native_size(source: str) -> int:

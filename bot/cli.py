@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bot.errors import SdbotError
+from PIL import Image
+
+from bot import imaging
+from bot.catalog import Catalog
+from bot.errors import InvalidRequest, SdbotError
+from bot.inputs import DEFAULT_STRENGTH, attachment_bytes, parse_loras, parse_size, picture_inputs
+from bot.jobs import GenerationRequest
 from bot.settings import Settings, load_settings
 
 
@@ -49,7 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="inpaint mask, white = repaint (default: the image's transparent pixels)",
     )
-    gen.add_argument("--strength", type=float, default=0.75, help="img2img/inpaint (0.05-1)")
+    gen.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help=f"img2img/inpaint (0.05-1; default {DEFAULT_STRENGTH['img2img']:g} for img2img, "
+        f"{DEFAULT_STRENGTH['inpaint']:g} for inpaint, as in Discord)",
+    )
     gen.add_argument("--scheduler", default="default", help="sampler by A1111 name, e.g. 'Euler a'")
     gen.add_argument("--count", type=int, default=1, help="images, seeds seed..seed+N-1 (1-4)")
     gen.add_argument(
@@ -57,10 +69,18 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME[:WEIGHT]",
-        help="LoRA from SDBOT_LORA_DIR (repeatable; weight 1 by default)",
+        help="LoRA from SDBOT_LORA_DIR, e.g. style:0.8 (repeatable or comma-separated, as in "
+        "Discord; weight 1 by default)",
     )
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument(
+        "--size",
+        default=None,
+        metavar="WxH",
+        help="image size, e.g. 768x512 (default: the model's native size; with --image, the "
+        "picture's aspect at the model's native size, as in Discord)",
+    )
+    gen.add_argument("--width", type=int, default=None, help="with --height, instead of --size")
+    gen.add_argument("--height", type=int, default=None, help="with --width, instead of --size")
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--guidance", type=float, default=7.0)
     gen.add_argument("--seed", type=int, default=None)
@@ -91,16 +111,14 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def _generate(settings: Settings, args: argparse.Namespace) -> None:
-    from bot import imaging
-    from bot.catalog import Catalog
+    # Lazy: torch and diffusers take seconds to import, and only this command needs them.
     from bot.engine import Engine
-    from bot.errors import InvalidRequest
-    from bot.jobs import GenerationRequest, LoraSpec, snap_to_8
 
     catalog = Catalog.load(settings.models_file, settings.lora_dir)
     entry = catalog.resolve(args.model or settings.default_model)
     mode = args.mode or ("inpaint" if args.mask else "img2img" if args.image else "txt2img")
-    given: dict[str, object] = {
+    size = _size(args)
+    given: dict[str, Any] = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
         "model": entry.name,
@@ -109,51 +127,25 @@ def _generate(settings: Settings, args: argparse.Namespace) -> None:
         "mode": mode,
         "scheduler": args.scheduler,
         "count": args.count,
-        "strength": args.strength,
-        "loras": tuple(_lora_spec(text, LoraSpec) for text in args.lora),
+        "loras": parse_loras(",".join(args.lora), catalog.loras()),
     }
     if args.seed is not None:
         given["seed"] = args.seed
-    width, height = args.width, args.height
     if mode == "txt2img":
         if args.image or args.mask:
             raise InvalidRequest("--image and --mask are for --mode img2img or inpaint.")
+        given["width"], given["height"] = size or (entry.native_size, entry.native_size)
     else:
         if args.image is None:
             raise InvalidRequest(f"--mode {mode} needs --image FILE.")
-        max_bytes = int(settings.max_attachment_mb * 1_000_000)
-        max_pixels = settings.max_attachment_pixels
-        picture = imaging.decode_attachment(
-            _read(args.image),
-            max_bytes=max_bytes,
-            max_pixels=max_pixels,
-            what="image",
-            keep_alpha=mode == "inpaint",
-        )
-        if width is None and height is None:
-            width, height = imaging.fit_size(
-                picture.width, picture.height, max_side=entry.native_size
-            )
-        elif width is None or height is None:
-            # One side given: the other follows the picture's aspect ratio.
-            side = width or height or entry.native_size
-            long_side = round(side * max(picture.size) / picture.size[0 if width else 1])
-            width, height = imaging.fit_size(picture.width, picture.height, max_side=long_side)
-        size = (snap_to_8(width), snap_to_8(height))
-        given["init_image"] = picture.convert("RGB").resize(size, imaging.LANCZOS)
-        if mode == "inpaint":
-            mask = None
-            if args.mask is not None:
-                mask = imaging.decode_attachment(
-                    _read(args.mask), max_bytes=max_bytes, max_pixels=max_pixels, what="mask"
-                )
-            given["mask_image"] = imaging.prepare_mask(
-                picture if mask is None else None, mask, size
-            )
-        width, height = size
-    given["width"] = width or entry.native_size
-    given["height"] = height or entry.native_size
-    request = GenerationRequest(**given)  # type: ignore[arg-type]
+        # The picture is decoded, sized and masked exactly as the Discord commands do it.
+        inpaint = mode == "inpaint"
+        picture = _decode(settings, args.image, what="image", keep_alpha=inpaint)
+        mask = _decode(settings, args.mask, what="mask") if inpaint and args.mask else None
+        native = entry.native_size
+        given.update(picture_inputs(picture, native=native, size=size, inpaint=inpaint, mask=mask))
+        given["strength"] = DEFAULT_STRENGTH[mode] if args.strength is None else args.strength
+    request = GenerationRequest(**given)
 
     engine = Engine(
         device=settings.device,
@@ -166,42 +158,49 @@ def _generate(settings: Settings, args: argparse.Namespace) -> None:
         imaging.request_parameters(request, seed=seed, sampler=result.sampler)
         for seed in result.seeds
     ]
+    pngs, grid = imaging.encode_pngs(result.images, texts)
     out: Path = args.output
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    if len(result.images) == 1:
-        out.write_bytes(imaging.encode_png(result.images[0], texts[0]))
-        written.append(out)
+    if grid is None:
+        files = {out: pngs[0]}
     else:
-        # A1111 labels a grid with its first image's parameters.
-        out.write_bytes(imaging.encode_png(imaging.make_grid(result.images), texts[0]))
-        written.append(out)
-        for i, (image, text) in enumerate(zip(result.images, texts, strict=True), start=1):
-            path = out.with_name(f"{out.stem}-{i}.png")
-            path.write_bytes(imaging.encode_png(image, text))
-            written.append(path)
+        files = {out: grid}
+        files.update({out.with_name(f"{out.stem}-{i}.png"): png for i, png in enumerate(pngs, 1)})
+    for path, data in files.items():
+        path.write_bytes(data)
     flagged = [i + 1 for i, nsfw in enumerate(result.nsfw) if nsfw]
     seeds = ", ".join(str(s) for s in result.seeds)
-    print(f"wrote {', '.join(str(p) for p in written)} (seed {seeds}, {result.sampler})")
+    print(f"wrote {', '.join(str(p) for p in files)} (seed {seeds}, {result.sampler})")
     if flagged:
         print(f"note: the safety checker flagged image(s) {flagged}", file=sys.stderr)
 
 
-def _lora_spec(text: str, spec: type[Any]) -> Any:
-    from bot.errors import InvalidRequest
+def _size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The size asked for: --size as the Discord commands read it, or --width with --height."""
+    if args.width is None and args.height is None:
+        return parse_size(args.size) if args.size else None
+    if args.size:
+        raise InvalidRequest("Give --size WxH or --width and --height, not both.")
+    if args.width is None or args.height is None:
+        raise InvalidRequest(
+            "--width and --height go together (or use --size WxH); with neither, the size is "
+            "the model's native one, and an --image keeps its aspect."
+        )
+    return int(args.width), int(args.height)
 
-    name, sep, weight = text.rpartition(":")
-    if not sep:
-        return spec(text, 1.0)
-    try:
-        return spec(name, float(weight))
-    except ValueError:
-        raise InvalidRequest(f"--lora {text!r}: the weight after ':' must be a number.") from None
+
+def _decode(settings: Settings, path: Path, *, what: str, keep_alpha: bool = False) -> Image.Image:
+    """An input file, checked and decoded under the same limits as a Discord attachment."""
+    return imaging.decode_attachment(
+        _read(path),
+        max_bytes=attachment_bytes(settings.max_attachment_mb),
+        max_pixels=settings.max_attachment_pixels,
+        what=what,
+        keep_alpha=keep_alpha,
+    )
 
 
 def _read(path: Path) -> bytes:
-    from bot.errors import InvalidRequest
-
     try:
         return path.read_bytes()
     except OSError as exc:

@@ -99,6 +99,19 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
     return buf.getvalue()
 
 
+def encode_pngs(
+    images: Sequence[Image.Image], parameters: Sequence[str]
+) -> tuple[list[bytes], bytes | None]:
+    """The PNGs of one request's images (each with its own parameters), and with more than
+    one image their grid; what the bot posts and `sdbot generate` writes."""
+    pngs = [encode_png(image, text) for image, text in zip(images, parameters, strict=True)]
+    grid = None
+    if len(images) > 1:
+        # A1111 labels a grid with its first image's parameters.
+        grid = encode_png(make_grid(images), parameters[0])
+    return pngs, grid
+
+
 def read_parameters(data: bytes) -> str | None:
     """The `parameters` chunk of a PNG made by us, A1111 or any tool that follows it."""
     with Image.open(io.BytesIO(data)) as img:
@@ -214,9 +227,10 @@ def _to_rgb(image: Image.Image, *, keep_alpha: bool) -> Image.Image:
 
 
 def _megabytes(n: int | float) -> str:
-    if n >= 100_000:
-        return f"{n / 1_000_000:.1f} MB"
-    return f"{n / 1000:.0f} KB" if n >= 1000 else f"{n:.0f} bytes"
+    # Binary units, as Discord and SDBOT_MAX_ATTACHMENT_MB count them (1 MB = 2**20 bytes).
+    if n >= 100 * 1024:
+        return f"{n / 2**20:.1f} MB"
+    return f"{n / 1024:.0f} KB" if n >= 1024 else f"{n:.0f} bytes"
 
 
 def _megapixels(n: int) -> str:
@@ -255,9 +269,13 @@ def prepare_mask(
     """
     width, height = size
     if mask is not None:
+        # A mask must have its image's shape; both are then resized to `size` alike. (A size
+        # snapped to multiples of 8 can differ from the image's aspect by several percent at
+        # small native sizes: 320x200 becomes 96x64.) Without the image, compare with `size`.
         if image is not None:
             _check_aspect(mask.size, image.size, "image")
-        _check_aspect(mask.size, size, "requested size")
+        else:
+            _check_aspect(mask.size, size, "requested size")
         if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
             # Strokes painted on a transparent layer: transparent counts as "keep" (black).
             rgba = mask.convert("RGBA")

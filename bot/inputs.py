@@ -1,4 +1,4 @@
-"""Member-typed options as request fields: sizes, LoRA lists and the size of an input picture.
+"""Member-typed options as request fields: sizes, LoRA lists, strengths and input pictures.
 
 Shared by every front (slash commands, buttons, the CLI) so the same words give the same
 request, and the same picture is repainted at the same size, wherever they were typed.
@@ -7,12 +7,19 @@ request, and the same picture is repainted at the same size, wherever they were 
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from PIL import Image
 
 from bot import imaging
 from bot.errors import InvalidRequest
 from bot.jobs import MAX_SIZE, MIN_SIZE, LoraSpec, snap_to_8
 
 _SIZE_RE = re.compile(r"^\s*(\d{2,5})\s*[x×*,]\s*(\d{2,5})\s*$", re.IGNORECASE)
+
+#: How much of an input picture is repainted when the member does not say: img2img keeps its
+#: composition, inpaint mostly replaces what is under the mask.
+DEFAULT_STRENGTH: dict[str, float] = {"img2img": 0.6, "inpaint": 0.9}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -39,6 +46,38 @@ def input_size(width: int, height: int, native: int) -> tuple[int, int]:
     resolution (the long side capped at MAX_SIZE), multiples of 8."""
     long_side = min(MAX_SIZE, round(native * max(width, height) / max(1, min(width, height))))
     return imaging.fit_size(width, height, max_side=long_side, min_side=MIN_SIZE)
+
+
+def attachment_bytes(megabytes: float) -> int:
+    """The byte limit for input pictures of `megabytes` MB, counted as Discord does (2**20)."""
+    return int(megabytes * 1024 * 1024)
+
+
+def picture_inputs(
+    picture: Image.Image,
+    *,
+    native: int,
+    size: tuple[int, int] | None = None,
+    inpaint: bool = False,
+    mask: Image.Image | None = None,
+) -> dict[str, Any]:
+    """The request fields of a decoded input picture: width, height, init_image (RGB) and,
+    for inpaint, mask_image.
+
+    The picture is resized to `size`, else to its own aspect at the model's `native`
+    resolution (`input_size`). The mask is `mask` (white = repaint), else the picture's
+    transparent pixels (decode it with keep_alpha for that).
+    """
+    target = size or input_size(picture.width, picture.height, native)
+    out: dict[str, Any] = {
+        "width": target[0],
+        "height": target[1],
+        "init_image": picture.convert("RGB").resize(target, imaging.LANCZOS),
+    }
+    if inpaint:
+        # The picture goes along with a mask too, so the mask is checked against its shape.
+        out["mask_image"] = imaging.prepare_mask(picture, mask, target)
+    return out
 
 
 def parse_loras(text: str, known: list[str]) -> tuple[LoraSpec, ...]:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bot import models
-from bot.catalog import BUILTIN_TINY, Catalog, ModelEntry
+from bot.catalog import BUILTIN_TINY, Catalog, ModelEntry, is_hub_id
 from bot.errors import InvalidRequest, SettingsError
 
 SEED_APP_MODELS = {
@@ -155,11 +154,20 @@ def test_loras_and_embeddings_are_listed_from_their_folders(tmp_path: Path) -> N
         empty.lora_path("A")
 
 
-def test_models_native_size_delegates_to_the_catalog(tmp_path: Path) -> None:
-    assert models.native_size(BUILTIN_TINY) == 64
-    assert models.native_size("sd21") == 768
-    assert models.native_size("someone/else") == 512
+def test_native_size_comes_from_the_catalog_else_from_the_source(tmp_path: Path) -> None:
+    # What the removed bot.models.native_size shim answered, asked of the catalog itself.
+    shipped = Catalog.load(None, tmp_path)
+    assert shipped.resolve(BUILTIN_TINY).native_size == 64
+    assert shipped.resolve("sd21").native_size == 768
+    assert shipped.resolve("someone/else").native_size == 512
     custom = Catalog.load(
         write(tmp_path, "[models.big]\nsource = 'a/b'\nnative_size = 1024"), tmp_path
     )
-    assert models.native_size("big", custom) == 1024
+    assert custom.resolve("big").native_size == 1024
+
+
+def test_hub_ids_are_owner_slash_name() -> None:
+    assert is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert is_hub_id("Lykon/DreamShaper") and is_hub_id("a.b/c_d-1")
+    for text in ("tiny", "a/b/c", "/abs/path", "./x/y", "-a/b", "a/", "owner/na me"):
+        assert not is_hub_id(text), text

@@ -1,15 +1,27 @@
-"""`sdbot generate` and `sdbot tiny-model` from the shell, in-process, on the tiny model."""
+"""`sdbot generate` and `sdbot tiny-model` from the shell, in-process, on the tiny model.
+
+`sdbot generate` reads pictures, sizes, LoRAs and limits with the bot's own code, so the same
+picture, prompt and seed give the same image as the Discord commands (checked against the real
+bot on the local Discord server).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
+from bench.harness import Harness
 from bot.cli import main
 from bot.imaging import parse_parameters, read_parameters
+from bot.tiny_model import ensure_tiny_model
+from tests import images
+from tests.test_engine_lora import write_tiny_lora
 
 
 @pytest.fixture(autouse=True)
@@ -62,13 +74,14 @@ def test_generate_img2img_and_inpaint_from_files(tmp_path: Path) -> None:
     out = tmp_path / "vary.png"
     assert main(["generate", "a cat", "-o", str(out), "--image", str(photo),
                  "--strength", "0.5", "--steps", "4"]) == 0  # fmt: skip
-    # The native 64 (tiny's), no side under the 64 minimum...
-    assert Image.open(out).size == (64, 64)
+    # The photo's aspect, its short side at the native 64 (tiny's), as /img2img sizes it...
+    assert Image.open(out).size == (80, 64)
     assert params(out)["Denoising strength"] == "0.5"
-    # ...and with one side given, the other keeps the photo's aspect.
-    assert main(["generate", "a cat", "-o", str(out), "--image", str(photo), "--width", "128",
+    # ...and an explicit size is kept, as Discord's size option is.
+    assert main(["generate", "a cat", "-o", str(out), "--image", str(photo), "--size", "128x96",
                  "--steps", "2"]) == 0  # fmt: skip
     assert Image.open(out).size == (128, 96)
+    assert params(out)["Denoising strength"] == "0.6"  # /img2img's default strength
 
     mask = tmp_path / "mask.png"
     m = Image.new("L", (128, 96), 0)
@@ -93,8 +106,10 @@ def test_generate_img2img_and_inpaint_from_files(tmp_path: Path) -> None:
     [
         (["--scheduler", "Euler b"], "Unknown scheduler 'Euler b'"),
         (["--model", "nosuchmodel"], "Unknown model 'nosuchmodel'. Available: tiny"),
-        (["--lora", "ink:heavy"], "the weight after ':' must be a number"),
-        (["--lora", "ink:0.5"], "Unknown LoRA 'ink': no LoRAs are installed"),
+        (["--lora", "ink:0.5"], "Unknown LoRA 'ink'. Available: none are installed"),
+        (["--size", "big"], "size 'big' is not WIDTHxHEIGHT"),
+        (["--width", "128"], "--width and --height go together"),
+        (["--size", "64x64", "--width", "64", "--height", "64"], "not both"),
         (["--mode", "img2img"], "--mode img2img needs --image FILE"),
         (["--image", "missing.png"], "Cannot read missing.png"),
         (["--count", "9"], "count 9 is out of range"),
@@ -138,3 +153,86 @@ def test_tiny_model_with_checkpoint_then_generate_from_it(
     # The same weights through the single-file path: the same pixels.
     assert Image.open(out).tobytes() == Image.open(reference).tobytes()
     assert params(out)["Model"] == "file"
+
+
+def test_loras_are_read_as_the_slash_commands_read_them(
+    tmp_path: Path, model_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loras = tmp_path / "loras"  # SDBOT_LORA_DIR
+    loras.mkdir()
+    model = ensure_tiny_model(model_cache)
+    write_tiny_lora(model, loras / "ink.safetensors", seed=1)
+    write_tiny_lora(model, loras / "paper.safetensors", seed=2)
+    common = ["--seed", "4", "--steps", "2"]
+
+    listed, repeated = tmp_path / "listed.png", tmp_path / "repeated.png"
+    # As /imagine's lora option: a comma-separated list, a name ends at its first colon.
+    assert main(["generate", "a fox", "-o", str(listed), "--lora", "ink:0.5, paper", *common]) == 0
+    assert params(listed)["prompt"] == "a fox <lora:ink:0.5> <lora:paper:1>"
+    assert main(["generate", "a fox", "-o", str(repeated), "--lora", "ink:0.5", "--lora", "paper",
+                 *common]) == 0  # fmt: skip
+    assert Image.open(listed).tobytes() == Image.open(repeated).tobytes()
+
+    capsys.readouterr()
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "--lora", "ink:heavy"]) == 2
+    assert "LoRA weight 'heavy' for 'ink' is not a number" in capsys.readouterr().err
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "--lora", "ink:0.5:1"]) == 2
+    assert "LoRA weight '0.5:1' for 'ink' is not a number" in capsys.readouterr().err
+
+
+def test_the_attachment_limit_counts_a_megabyte_as_2_to_the_20_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SDBOT_MAX_ATTACHMENT_MB", "1")
+    data = images.photo((64, 64))
+
+    def padded(size: int) -> Path:
+        path = tmp_path / f"photo-{size}.png"
+        path.write_bytes(data + b"\0" * (size - len(data)))  # bytes after IEND: still a PNG
+        return path
+
+    def generate(image: Path) -> int:
+        return main(["generate", "x", "-o", str(tmp_path / "out.png"), "--image", str(image)])
+
+    # Over 10**6 bytes, under 2**20: a Discord attachment of this size is accepted, so here too.
+    assert generate(padded(1_040_000)) == 0
+    assert generate(padded(2**20 + 1)) == 2
+    assert "the limit is 1.0 MB" in capsys.readouterr().err
+
+
+async def test_img2img_from_the_shell_gives_the_pixels_of_the_bots_img2img(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The same 320x200 picture, prompt and seed, everything else left at its default:
+    /img2img through the real bot and `sdbot generate --mode img2img --image` agree exactly."""
+    picture = images.photo((320, 200))
+    c = harness.control
+    attachment = await c.upload(picture, "photo.png")
+    sent = await c.slash("img2img", {"image": attachment["id"], "prompt": "night", "seed": 5})
+    interaction_id = sent["interaction"]["id"]
+
+    def is_result(message: dict[str, Any]) -> bool:
+        return (
+            message.get("interaction_metadata", {}).get("id") == interaction_id
+            and "seed `" in message["content"]
+            and any(a.get("content_type", "").startswith("image/") for a in message["attachments"])
+        )
+
+    result = await c.wait_for_message(is_result, timeout=90)
+    from_discord = await c.download(result["attachments"][0])
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(picture)
+    out = tmp_path / "night.png"
+    argv = ["generate", "night", "-o", str(out), "--mode", "img2img", "--image", str(photo),
+            "--seed", "5"]  # fmt: skip
+    # Off the event loop: the bot keeps serving its gateway while the shell command runs.
+    assert await asyncio.to_thread(main, argv) == 0
+    from_shell = out.read_bytes()
+
+    discord_image = Image.open(io.BytesIO(from_discord))
+    shell_image = Image.open(io.BytesIO(from_shell))
+    assert discord_image.size == shell_image.size == (96, 64)  # the aspect kept, not squashed
+    assert discord_image.mode == shell_image.mode == "RGB"
+    assert discord_image.tobytes() == shell_image.tobytes()
+    assert read_parameters(from_shell) == read_parameters(from_discord)

@@ -69,16 +69,18 @@ async def test_imagine_defers_in_time_and_replies_with_a_reproducible_png(
     assert params["Seed"] == "1234" and params["Steps"] == "4" and params["Size"] == "96x64"
 
     # The seed in the reply reproduces the exact image.
-    again = engine.txt2img(
-        GenerationRequest(
-            prompt="a red fox in snow",
-            model="builtin:tiny",
-            width=96,
-            height=64,
-            steps=4,
-            seed=1234,
-        )
-    )[0]
+    again = engine.generate(
+        [
+            GenerationRequest(
+                prompt="a red fox in snow",
+                model="builtin:tiny",
+                width=96,
+                height=64,
+                steps=4,
+                seed=1234,
+            )
+        ]
+    )[0].images[0]
     assert np.array_equal(np.asarray(again.convert("RGB")), np.asarray(image.convert("RGB")))
 
     # Only the result stays in the channel: the progress message made way for it.

@@ -9,11 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bot.engine import BUILTIN_TINY, Engine
-from bot.errors import JobCancelled, ModelLoadError
+import bot.engine.engine as engine_module
+from bot.engine import BUILTIN_TINY, Engine, StepInfo
+from bot.engine.device import is_oom
+from bot.errors import GenerationFailed, GpuOutOfMemory, JobCancelled, ModelLoadError
 from bot.jobs import GenerationRequest
 from bot.tiny_model import TINY_MODEL_DIRNAME, ensure_tiny_model, write_tiny_model
 
@@ -45,6 +48,10 @@ def make_request(**overrides: object) -> GenerationRequest:
     }
     fields.update(overrides)
     return GenerationRequest(**fields)  # type: ignore[arg-type]
+
+
+def images_of(engine: Engine, request: GenerationRequest) -> list[Image.Image]:
+    return engine.generate([request])[0].images
 
 
 def pixels(image: Image.Image) -> bytes:
@@ -111,7 +118,7 @@ def test_native_size(engine: Engine) -> None:
 def test_txt2img_returns_one_rgb_image_of_requested_size(
     engine: Engine, width: int, height: int
 ) -> None:
-    images = engine.txt2img(make_request(width=width, height=height))
+    images = images_of(engine, make_request(width=width, height=height))
     assert len(images) == 1
     image = images[0]
     assert isinstance(image, Image.Image)
@@ -122,26 +129,28 @@ def test_txt2img_returns_one_rgb_image_of_requested_size(
 
 
 def test_same_seed_gives_identical_pixels(engine: Engine) -> None:
-    first = engine.txt2img(make_request(seed=7))[0]
-    second = engine.txt2img(make_request(seed=7))[0]
+    first = images_of(engine, make_request(seed=7))[0]
+    second = images_of(engine, make_request(seed=7))[0]
     assert pixels(first) == pixels(second)
 
 
 def test_different_seed_gives_different_image(engine: Engine) -> None:
-    first = engine.txt2img(make_request(seed=7))[0]
-    second = engine.txt2img(make_request(seed=8))[0]
+    first = images_of(engine, make_request(seed=7))[0]
+    second = images_of(engine, make_request(seed=8))[0]
     assert pixels(first) != pixels(second)
 
 
 def test_negative_prompt_changes_image(engine: Engine) -> None:
-    plain = engine.txt2img(make_request())[0]
-    negative = engine.txt2img(make_request(negative_prompt="blurry, low quality"))[0]
+    plain = images_of(engine, make_request())[0]
+    negative = images_of(engine, make_request(negative_prompt="blurry, low quality"))[0]
     assert pixels(plain) != pixels(negative)
 
 
 def test_on_step_reports_each_step(engine: Engine) -> None:
     calls: list[tuple[int, int]] = []
-    engine.txt2img(make_request(steps=3), on_step=lambda i, total: calls.append((i, total)))
+    engine.generate(
+        [make_request(steps=3)], on_step=lambda info: calls.append((info.step, info.total))
+    )
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
@@ -150,19 +159,65 @@ def test_cancel_from_on_step_propagates_and_engine_keeps_working(
 ) -> None:
     calls: list[int] = []
 
-    def cancel_at_two(i: int, total: int) -> None:
-        calls.append(i)
-        if i == 2:
+    def cancel_at_two(info: StepInfo) -> None:
+        calls.append(info.step)
+        if info.step == 2:
             raise JobCancelled("Cancelled by its owner.")
 
     with pytest.raises(JobCancelled):
-        engine.txt2img(make_request(steps=4), on_step=cancel_at_two)
+        engine.generate([make_request(steps=4)], on_step=cancel_at_two)
     assert calls == [1, 2]
 
     # The next job must be unaffected by the aborted one (same pixels as a fresh run).
-    after = engine.txt2img(make_request(seed=99))[0]
-    again = engine.txt2img(make_request(seed=99))[0]
+    after = images_of(engine, make_request(seed=99))[0]
+    again = images_of(engine, make_request(seed=99))[0]
     assert pixels(after) == pixels(again)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), GpuOutOfMemory),
+        (RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)"), GpuOutOfMemory),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), GenerationFailed),
+    ],
+)
+def test_a_failed_run_frees_memory_then_raises_the_bots_error(
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    expected: type[GenerationFailed],
+) -> None:
+    """The executor only checks isinstance(exc, GpuOutOfMemory) and frees nothing itself."""
+    freed: list[torch.device] = []
+    monkeypatch.setattr(engine_module, "free_memory", freed.append)
+    unet = engine.load(BUILTIN_TINY).unet
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    unet.forward = fail
+    try:
+        with pytest.raises(GenerationFailed) as info:
+            engine.generate([make_request(count=2)])
+    finally:
+        # A batched run on CPU wraps (then deletes) forward itself; drop ours if still there.
+        unet.__dict__.pop("forward", None)
+    assert type(info.value) is expected
+    assert info.value.__cause__ is error
+    if expected is GpuOutOfMemory:
+        assert info.value.message == (
+            "Ran out of GPU memory making 2 image(s) at 64x64; try fewer images or a smaller size."
+        )
+    assert freed == [engine.device]
+    assert images_of(engine, make_request())[0].size == (64, 64)
+
+
+def test_is_oom_knows_torchs_ways_of_saying_it() -> None:
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_oom(RuntimeError("MPS backend out of memory"))
+    assert not is_oom(RuntimeError("expected scalar type Float"))
+    assert not is_oom(MemoryError())
 
 
 def test_missing_local_path_raises_model_load_error(engine: Engine, tmp_path: Path) -> None:
@@ -225,4 +280,4 @@ def test_hub_id_offline_raises_helpful_model_load_error(
     assert "local folder" in message
 
     # A failed load leaves the engine usable.
-    assert engine.txt2img(make_request())[0].size == (64, 64)
+    assert images_of(engine, make_request())[0].size == (64, 64)

@@ -120,7 +120,7 @@ def test_lora_applies_in_every_mode(engine: Engine) -> None:
 
 def test_lora_weights_are_cached_as_adapters(engine: Engine, lora_dir: Path) -> None:
     pixels(engine, make(("ink", 1.0)))
-    loaded = engine._models["tiny"]
+    loaded = engine.models.get("tiny")
     adapter = loaded.loras["ink"][0]
     pixels(engine, make(("ink", 0.7)))
     assert loaded.loras["ink"][0] == adapter  # not loaded a second time
@@ -146,6 +146,6 @@ def test_textual_inversion_embedding_by_name_in_the_prompt(
         device="cpu", dtype="float32", cache_dir=model_cache, catalog=Catalog.load(None, tmp_path)
     )
     assert pixels(engine, make(prompt=prompt)) != pixels(without_folder, make(prompt=prompt))
-    assert EMBEDDING in engine._models["tiny"].embeddings
+    assert EMBEDDING in engine.models.get("tiny").embeddings
     # Prompts that do not name it are unaffected.
     assert pixels(engine, make()) == pixels(without_folder, make())

@@ -1,3 +1,6 @@
+"""Images in and out (bot.imaging) and typed options and input pictures as request fields
+(bot.inputs): pure CPU, no model."""
+
 from __future__ import annotations
 
 import io
@@ -10,6 +13,7 @@ from bot.errors import InvalidRequest
 from bot.imaging import (
     decode_attachment,
     encode_png,
+    encode_pngs,
     fit_size,
     format_parameters,
     grid_cell,
@@ -18,6 +22,14 @@ from bot.imaging import (
     prepare_mask,
     read_parameters,
     request_parameters,
+)
+from bot.inputs import (
+    DEFAULT_STRENGTH,
+    attachment_bytes,
+    input_size,
+    parse_loras,
+    parse_size,
+    picture_inputs,
 )
 
 
@@ -221,3 +233,76 @@ def test_request_parameters_a1111_line_by_line() -> None:
     parsed = parse_parameters(read_parameters(encode_png(init, text)) or "")
     assert parsed["Seed"] == "43" and parsed["Denoising strength"] == "0.6"
     assert parsed["negative_prompt"] == "blurry"
+
+
+def test_encode_pngs_gives_each_image_its_parameters_and_a_grid_for_several() -> None:
+    images = [Image.new("RGB", (16, 8), c) for c in ("red", "green", "blue")]
+    texts = [f"fox\nSteps: 2, Seed: {seed}" for seed in (7, 8, 9)]
+    pngs, grid = encode_pngs(images, texts)
+    assert [read_parameters(png) for png in pngs] == texts
+    assert grid is not None and read_parameters(grid) == texts[0]  # A1111 labels it so
+    assert Image.open(io.BytesIO(grid)).size == (48, 8)
+    one, no_grid = encode_pngs(images[:1], texts[:1])
+    assert len(one) == 1 and no_grid is None
+
+
+def test_size_limits_count_a_megabyte_as_2_to_the_20_bytes() -> None:
+    assert attachment_bytes(10) == 10 * 2**20
+    assert attachment_bytes(0.5) == 2**19
+    data = png_bytes(Image.new("RGB", (8, 8)))
+    huge = data + b"\0" * (11 * 2**20 - len(data))  # trailing bytes after IEND: still a PNG
+    with pytest.raises(InvalidRequest, match=r"is 11\.0 MB; the limit is 10\.0 MB"):
+        decode_attachment(huge, max_bytes=attachment_bytes(10), max_pixels=4096 * 4096)
+    # Just under 1 MB counted in binary, over it counted in decimal: allowed.
+    padded = data + b"\0" * (1_040_000 - len(data))
+    assert decode_attachment(padded, max_bytes=attachment_bytes(1), max_pixels=64).size == (8, 8)
+
+
+def test_input_size_keeps_the_aspect_with_the_short_side_at_native() -> None:
+    assert input_size(320, 200, 64) == (96, 64)
+    assert input_size(200, 320, 64) == (64, 96)
+    assert input_size(320, 200, 512) == (816, 512)
+    assert input_size(4000, 100, 512) == (1024, 64)  # the long side capped at MAX_SIZE
+    assert input_size(64, 64, 512) == (512, 512)
+
+
+def test_picture_inputs_size_and_mask_a_picture_as_the_bot_does() -> None:
+    picture = Image.new("RGBA", (320, 200), (200, 100, 50, 255))
+    picture.paste((0, 0, 0, 0), (0, 0, 100, 200))
+    out = picture_inputs(picture, native=64)
+    assert (out["width"], out["height"]) == (96, 64) and "mask_image" not in out
+    assert (out["init_image"].mode, out["init_image"].size) == ("RGB", (96, 64))
+    expected = picture.convert("RGB").resize((96, 64), Image.Resampling.LANCZOS)
+    assert out["init_image"].tobytes() == expected.tobytes()
+    # Inpaint: the transparent pixels, or a separate mask; an explicit size wins.
+    out = picture_inputs(picture, native=64, size=(128, 80), inpaint=True)
+    assert out["init_image"].size == out["mask_image"].size == (128, 80)
+    assert out["mask_image"].getpixel((2, 40)) == 255 and out["mask_image"].getpixel((120, 40)) == 0
+    mask = Image.new("L", (320, 200), 0)
+    mask.paste(255, (220, 0, 320, 200))
+    out = picture_inputs(picture, native=64, inpaint=True, mask=mask)
+    assert out["mask_image"].getpixel((2, 30)) == 0 and out["mask_image"].getpixel((94, 30)) == 255
+    # The mask is checked against the picture (96x64 is not quite 320x200's shape, and need
+    # not be), so only a mask of another shape is refused.
+    with pytest.raises(InvalidRequest, match="mask is 200x200 but the image is 320x200"):
+        picture_inputs(picture, native=64, inpaint=True, mask=Image.new("L", (200, 200), 255))
+
+
+def test_parse_size_and_loras_as_members_type_them() -> None:
+    assert parse_size("768x512") == (768, 512)
+    assert parse_size(" 100 × 70 ") == (96, 64)
+    with pytest.raises(InvalidRequest, match="is not WIDTHxHEIGHT"):
+        parse_size("big")
+    known = ["style", "detail"]
+    specs = parse_loras("style:0.8, detail", known)
+    assert [(s.name, s.weight) for s in specs] == [("style", 0.8), ("detail", 1.0)]
+    assert parse_loras("", known) == ()
+    # The name ends at the first colon: a second one belongs to the weight, and is refused.
+    with pytest.raises(InvalidRequest, match=r"LoRA weight '0\.8:1' for 'style' is not a number"):
+        parse_loras("style:0.8:1", known)
+    with pytest.raises(InvalidRequest, match=r"Unknown LoRA 'ink'\. Available: style, detail"):
+        parse_loras("ink", known)
+
+
+def test_default_strengths_are_the_slash_commands_ones() -> None:
+    assert DEFAULT_STRENGTH == {"img2img": 0.6, "inpaint": 0.9}

@@ -1,0 +1,236 @@
+"""The `Engine`: requests in, images out, on one device.
+
+Synchronous on purpose: the bot calls it from a single dedicated GPU worker thread, so there
+is no locking here and at most one pipeline call runs at a time. `generate` reads as the
+numbered steps of a diffusers pipeline's `__call__`; each step's work lives in its own module
+(loading, adapters, prompts, denoise), and this is the one place where torch's errors become
+the bot's (`GpuOutOfMemory`, `GenerationFailed`), after the memory of a failed run is freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bot.catalog import Catalog
+from bot.engine.adapters import Adapters
+from bot.engine.denoise import decode_latents, denoise, safety_flags
+from bot.engine.device import free_memory, is_oom, resolve_device, resolve_dtype
+from bot.engine.loading import LoadedModel, LoadedModels, native_size
+from bot.engine.prompts import encode_prompt
+from bot.engine.results import GenerationResult, LoadRecord, StepInfo
+from bot.errors import GenerationFailed, GpuOutOfMemory, InvalidRequest, SdbotError
+from bot.jobs import GenerationRequest
+from bot.samplers import DEFAULT as DEFAULT_SCHEDULER
+from bot.samplers import make_scheduler, scheduler_label
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from bot.jobs import Mode
+
+log = logging.getLogger(__name__)
+
+#: The LoRA folder when no catalog is given; the same default as Settings.lora_dir.
+DEFAULT_LORA_DIR = Path("data/loras")
+
+
+class Engine:
+    """Loads catalog models (least recently used freed first) and generates images."""
+
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        cache_dir: Path,
+        catalog: Catalog | None = None,
+        max_loaded: int = 1,
+        on_load: Callable[[LoadRecord], None] | None = None,
+        exact_batches: bool | None = None,
+    ) -> None:
+        self.device: torch.device = resolve_device(device)
+        self.dtype: torch.dtype = resolve_dtype(dtype, self.device)
+        self.cache_dir = Path(cache_dir)
+        self.catalog = catalog if catalog is not None else Catalog.load(None, DEFAULT_LORA_DIR)
+        self.models = LoadedModels(
+            device=self.device,
+            dtype=self.dtype,
+            cache_dir=self.cache_dir,
+            catalog=self.catalog,
+            max_loaded=max_loaded,
+            on_load=on_load,
+        )
+        self.adapters = Adapters(self.catalog)
+        #: Run the UNet once per image inside a batched call, so a batched image is
+        #: bit-identical to a solo run with its seed. Kernels pick other summation orders for
+        #: other batch sizes (on CPU the UNet's output moves by ~2e-6, which flips ~10 of
+        #: 196,608 pixel values by one level at 256px), so this is on by default on CPU/MPS;
+        #: on CUDA the batched UNet is the point of batching, and images then match solo runs
+        #: to within rounding. The VAE and text encoder always run one image at a time.
+        self.exact_batches = self.device.type != "cuda" if exact_batches is None else exact_batches
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @property
+    def max_loaded(self) -> int:
+        """How many models stay loaded at once."""
+        return self.models.max_loaded
+
+    @property
+    def on_load(self) -> Callable[[LoadRecord], None] | None:
+        """Called on the GPU thread after every load attempt; may be set after construction."""
+        return self.models.on_load
+
+    @on_load.setter
+    def on_load(self, callback: Callable[[LoadRecord], None] | None) -> None:
+        self.models.on_load = callback
+
+    @property
+    def loaded_models(self) -> list[str]:
+        """Catalog names of the loaded models, least recently used first."""
+        return self.models.names()
+
+    @property
+    def loaded_source(self) -> str | None:
+        """Source of the most recently used model (None when nothing is loaded)."""
+        return self.models.newest_source
+
+    def is_loaded(self, model: str) -> bool:
+        return self.models.is_loaded(model)
+
+    def load(self, model: str) -> Any:
+        """The txt2img pipeline of `model` (a catalog name or a source), loading it if needed."""
+        return self.models.ensure(model).base
+
+    def pipeline(self, model: str, mode: Mode) -> Any:
+        """The pipeline for `mode`; all modes of a model share one set of weights."""
+        return self.models.pipeline(self.models.ensure(model), mode)
+
+    def unload(self, model: str | None = None) -> None:
+        """Free one model (or all of them)."""
+        self.models.unload(model)
+
+    def native_size(self, source: str) -> tuple[int, int]:
+        """(width, height) the model was trained at; other sizes work but may look worse."""
+        return native_size(self.load(source))
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        on_step: Callable[[StepInfo], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Run requests that share one batch_key() as one batch; one result per request.
+
+        Image i of the batch uses its own CPU generator seeded with its seed, so it equals the
+        image a solo run with that seed gives (bit for bit when `exact_batches`).
+        JobCancelled raised by `on_step` propagates; running out of GPU memory raises
+        GpuOutOfMemory (the caller may split the batch); anything else the pipeline raises
+        becomes GenerationFailed. Bad LoRA names and the like raise InvalidRequest.
+        """
+        # 1. Check inputs
+        if not requests:
+            return []
+        first = requests[0]
+        key = first.batch_key()
+        if any(r.batch_key() != key for r in requests[1:]):
+            raise InvalidRequest("These requests cannot share a batch (their settings differ).")
+
+        # 2. Load the model, and its pipeline for this mode
+        loaded = self.models.ensure(first.model)
+        pipe = self.models.pipeline(loaded, first.mode)
+
+        # 3. Prepare the scheduler
+        sampler = self._set_scheduler(pipe, loaded, first.scheduler)
+
+        # 4. Apply the LoRAs, for this call only
+        with self._failures(requests), self.adapters.applied(loaded, first.loras):
+            # 5. Load the textual-inversion embeddings the prompts name
+            self.adapters.load_embeddings(loaded, requests)
+            # Only now: adapter and embedding weights outlive this call, and tensors made in
+            # inference mode cannot be changed in place after it.
+            with torch.inference_mode():
+                # 6. Encode the prompts
+                cfg = first.guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+                prepared = [encode_prompt(pipe, r, cfg=cfg, device=self.device) for r in requests]
+
+                # 7. Denoise: one pipeline call per prompt length, a CPU generator per image
+                latents = denoise(pipe, requests, prepared, on_step, exact=self.exact_batches)
+
+                # 8. Decode the latents
+                images = [image for batch in latents for image in decode_latents(pipe, batch)]
+
+                # 9. Run the safety checker
+                nsfw = safety_flags(pipe, images, device=self.device, dtype=self.dtype)
+
+        # 10. Hand each request its images
+        return _per_request(requests, images, nsfw, sampler)
+
+    def _set_scheduler(self, pipe: Any, loaded: LoadedModel, name: str) -> str:
+        """Give `pipe` a fresh `name` scheduler; the A1111 sampler name for the PNG."""
+        try:
+            # Fresh each call: schedulers keep per-run state, which a cancelled run would leak.
+            scheduler = make_scheduler(name, loaded.scheduler_config)
+        except SdbotError:
+            raise
+        except Exception as exc:
+            log.exception("scheduler %s failed for %s", name, loaded.entry.name)
+            raise GenerationFailed(
+                f"The {name} sampler does not work with model {loaded.entry.name}; "
+                "pick another sampler."
+            ) from exc
+        pipe.scheduler = scheduler
+        return scheduler_label(scheduler) if name == DEFAULT_SCHEDULER else name
+
+    @contextlib.contextmanager
+    def _failures(self, requests: Sequence[GenerationRequest]) -> Iterator[None]:
+        """Free the memory of a failed run, and raise what failed as the bot's own error."""
+        first = requests[0]
+        try:
+            yield
+        except SdbotError:  # JobCancelled from on_step, InvalidRequest for a LoRA, ...
+            free_memory(self.device)
+            raise
+        except Exception as exc:
+            free_memory(self.device)
+            if is_oom(exc):
+                size = f"{first.width}x{first.height}"
+                raise GpuOutOfMemory(
+                    f"Ran out of GPU memory making {sum(r.count for r in requests)} image(s) "
+                    f"at {size}; try fewer images or a smaller size."
+                ) from exc
+            log.exception("generation failed for model %s", first.model)
+            raise GenerationFailed(
+                "Image generation failed unexpectedly. Try again, or with different settings."
+            ) from exc
+
+
+def _per_request(
+    requests: Sequence[GenerationRequest],
+    images: list[Image.Image],
+    nsfw: list[bool],
+    sampler: str,
+) -> list[GenerationResult]:
+    assert len(images) == sum(r.count for r in requests)
+    results: list[GenerationResult] = []
+    offset = 0
+    for request in requests:
+        n = request.count
+        results.append(
+            GenerationResult(
+                images=images[offset : offset + n],
+                seeds=request.seeds,
+                nsfw=nsfw[offset : offset + n],
+                sampler=sampler,
+            )
+        )
+        offset += n
+    return results

@@ -1,0 +1,249 @@
+"""Loading catalog models and keeping the most recently used ones in memory (an LRU).
+
+A model's source is located first (`bot.engine.sources`), so a typo is refused before a loaded
+model is evicted. Every attempt, failed ones included, is reported as a `LoadRecord`. One
+loaded model serves all three modes: the img2img and inpaint pipelines are built from the
+txt2img one's modules, sharing its weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bot.catalog import Catalog, ModelEntry
+from bot.engine.device import free_memory, is_oom
+from bot.engine.results import LoadRecord
+from bot.engine.sources import load_error, locate, short_error
+from bot.errors import InvalidRequest, ModelLoadError, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    entry: ModelEntry
+    base: Any  # the StableDiffusionPipeline from_pretrained/from_single_file returned
+    scheduler_config: dict[str, Any]
+    pipes: dict[str, Any] = field(default_factory=dict)  # mode -> pipeline sharing base's modules
+    # LoRA name -> (adapter name, file stamp); most recently used last.
+    loras: OrderedDict[str, tuple[str, tuple[int, int]]] = field(default_factory=OrderedDict)
+    embeddings: set[str] = field(default_factory=set)
+
+    @property
+    def inpainting_unet(self) -> bool:
+        return int(self.base.unet.config.in_channels) == 9
+
+
+class LoadedModels:
+    """The loaded models, least recently used first; loading one may evict the oldest."""
+
+    def __init__(
+        self,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_dir: Path,
+        catalog: Catalog,
+        max_loaded: int,
+        on_load: Callable[[LoadRecord], None] | None,
+    ) -> None:
+        if isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1:
+            raise SettingsError(f"max_loaded must be at least 1, got {max_loaded!r}.")
+        self.device = device
+        self.dtype = dtype
+        self.cache_dir = cache_dir
+        self.catalog = catalog
+        self.max_loaded = max_loaded
+        self.on_load = on_load
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    def names(self) -> list[str]:
+        """Catalog names of the loaded models, least recently used first."""
+        return list(self._models)
+
+    def get(self, name: str) -> LoadedModel:
+        """A loaded model by catalog name (KeyError when it is not loaded); for inspection."""
+        return self._models[name]
+
+    @property
+    def newest_source(self) -> str | None:
+        """Source of the most recently used model (None when nothing is loaded)."""
+        if not self._models:
+            return None
+        return next(reversed(self._models.values())).entry.source
+
+    def is_loaded(self, model: str) -> bool:
+        try:
+            return self.catalog.resolve(model).name in self._models
+        except InvalidRequest:
+            return False
+
+    def unload(self, model: str | None = None) -> None:
+        """Free one model (or all of them)."""
+        names = list(self._models) if model is None else [self.catalog.resolve(model).name]
+        for name in names:
+            if self._models.pop(name, None) is not None:
+                log.info("unloaded model %s", name)
+        free_memory(self.device)
+
+    def ensure(self, model: str) -> LoadedModel:
+        """`model` (a catalog name or a source), loading it if needed; now the newest."""
+        entry = self.catalog.resolve(model)
+        loaded = self._models.get(entry.name)
+        if loaded is not None:
+            self._models.move_to_end(entry.name)
+            return loaded
+        started = time.perf_counter()
+        try:
+            # Reject bad sources before evicting anything, so a typo costs nothing.
+            kind, location = locate(entry, self.cache_dir)
+            while len(self._models) >= self.max_loaded:
+                # Free before loading: two SD models may not fit in VRAM together.
+                name, _ = self._models.popitem(last=False)
+                log.info("evicting model %s to make room for %s", name, entry.name)
+                free_memory(self.device)
+            pipe = self._load_pipeline(entry, kind, location)
+        except ModelLoadError as exc:
+            self._report(entry, started, ok=False, memory_mb=None, error=exc.message)
+            raise
+        loaded = LoadedModel(entry, pipe, dict(pipe.scheduler.config))
+        self._models[entry.name] = loaded
+        memory = _module_megabytes(pipe)
+        self._report(entry, started, ok=True, memory_mb=memory, error=None)
+        log.info(
+            "loaded model %s (%s) on %s as %s: %.0f MB",
+            entry.name,
+            entry.source,
+            self.device,
+            self.dtype,
+            memory,
+        )
+        return loaded
+
+    def pipeline(self, loaded: LoadedModel, mode: str) -> Any:
+        """The pipeline for `mode`; all modes of a model share one set of weights."""
+        # An inpainting UNet (9 input channels) cannot run the plain pipelines: every mode goes
+        # through the inpainting pipeline (txt2img = everything masked over a blank image).
+        key = "inpaint" if loaded.inpainting_unet else mode
+        if key == "txt2img":
+            return loaded.base
+        pipe = loaded.pipes.get(key)
+        if pipe is None:
+            # Lazy: importing diffusers takes seconds, and only the worker thread needs it.
+            import diffusers
+
+            cls: Any = (
+                diffusers.StableDiffusionInpaintPipeline
+                if key == "inpaint"
+                else diffusers.StableDiffusionImg2ImgPipeline
+            )
+            # Built from the base pipeline's components: the very same module objects, so no
+            # weights are copied. (Not from_pipe: it casts the shared modules to its `dtype`
+            # argument, float32 by default, which would turn a float16 model into float32.)
+            base = loaded.base
+            pipe = cls(
+                **base.components,
+                requires_safety_checker=bool(base.config.get("requires_safety_checker", False)),
+            )
+            pipe.set_progress_bar_config(disable=True)
+            loaded.pipes[key] = pipe
+        return pipe
+
+    def _report(
+        self,
+        entry: ModelEntry,
+        started: float,
+        *,
+        ok: bool,
+        memory_mb: float | None,
+        error: str | None,
+    ) -> None:
+        if self.on_load is None:
+            return
+        record = LoadRecord(
+            model=entry.name,
+            source=entry.source,
+            ok=ok,
+            seconds=time.perf_counter() - started,
+            memory_mb=memory_mb,
+            error=error,
+        )
+        try:
+            self.on_load(record)
+        except Exception:  # bookkeeping must never fail a load
+            log.exception("on_load callback failed for %s", entry.name)
+
+    def _load_pipeline(self, entry: ModelEntry, kind: str, location: str) -> Any:
+        # Lazy: importing diffusers takes seconds, and only the worker thread needs it.
+        import diffusers.utils.logging
+        import transformers.utils.logging
+        from diffusers import StableDiffusionPipeline
+
+        # Their per-file progress bars garble the bot's log and the shell; we log the load.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+        pipeline_cls: Any = StableDiffusionPipeline  # unannotated in diffusers
+        try:
+            if kind == "single_file":
+                config = str(Path(entry.config).expanduser()) if entry.config else None
+                # With a local config folder nothing is fetched; without one diffusers infers
+                # the architecture and fetches its configs from the Hub once.
+                pipe = pipeline_cls.from_single_file(
+                    location, config=config, dtype=self.dtype, local_files_only=config is not None
+                )
+            else:
+                # local_files_only: a local folder (builtin:tiny included) never hits the network.
+                pipe = pipeline_cls.from_pretrained(
+                    location, dtype=self.dtype, local_files_only=kind == "folder"
+                )
+        except Exception as exc:
+            raise load_error(entry, kind, location, exc) from exc
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            pipe.to(self.device)
+        except Exception as exc:
+            del pipe
+            free_memory(self.device)
+            if is_oom(exc):
+                raise ModelLoadError(
+                    f"Model `{entry.name}` does not fit in the memory of {self.device}. Lower "
+                    "SDBOT_MAX_LOADED_MODELS, use SDBOT_DTYPE=float16, or pick a smaller model."
+                ) from exc
+            raise ModelLoadError(
+                f"Model `{entry.name}` loaded but could not be moved to {self.device} "
+                f"({short_error(exc)})."
+            ) from exc
+        return pipe
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    """(width, height) the pipeline's model was trained at."""
+    sample = pipe.unet.config.sample_size
+    scale = int(pipe.vae_scale_factor)
+    # diffusers stores sample_size as an int or as (height, width).
+    height, width = (sample, sample) if isinstance(sample, int) else (sample[0], sample[1])
+    return int(width) * scale, int(height) * scale
+
+
+def _module_megabytes(pipe: Any) -> float:
+    """Weights and buffers of the pipeline's modules, each shared module counted once."""
+    seen: set[int] = set()
+    total = 0
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in itertools.chain(component.parameters(), component.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total / 2**20

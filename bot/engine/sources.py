@@ -1,0 +1,158 @@
+"""Where a model's weights come from, and what to tell the owner when they cannot be read.
+
+A catalog source is the built-in tiny model, a local diffusers folder, a single-file
+checkpoint (.safetensors/.ckpt, with an optional local config folder), or a Hugging Face Hub
+id. `locate` checks it without reading weights, so a typo is refused before a loaded model is
+evicted; `load_error` turns what diffusers raised into a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from bot.catalog import BUILTIN_TINY, BUILTIN_TINY_INPAINT, ModelEntry, is_hub_id
+from bot.errors import ModelLoadError
+from bot.tiny_model import ensure_tiny_model
+
+log = logging.getLogger(__name__)
+
+
+def locate(entry: ModelEntry, cache_dir: Path) -> tuple[str, str]:
+    """(kind, location): kind is "folder", "hub" or "single_file"."""
+    source = entry.source.strip()
+    if source in (BUILTIN_TINY, BUILTIN_TINY_INPAINT):
+        try:
+            folder = ensure_tiny_model(cache_dir, inpainting=source == BUILTIN_TINY_INPAINT)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"Could not build the built-in tiny model in `{cache_dir}` ({short_error(exc)})."
+            ) from exc
+        return "folder", str(folder)
+    if source.startswith("builtin:"):
+        raise ModelLoadError(
+            f"Unknown built-in model `{source}`; the built-in ones are `{BUILTIN_TINY}` "
+            f"and `{BUILTIN_TINY_INPAINT}`."
+        )
+    path = Path(source).expanduser()
+    if entry.is_single_file:
+        if not path.is_file():
+            raise ModelLoadError(
+                f"The checkpoint file `{path.absolute()}` of model `{entry.name}` does not "
+                "exist. Fix its `source` in the model catalog."
+            )
+        if entry.config is not None:
+            config = Path(entry.config).expanduser()
+            if not (config / "model_index.json").is_file():
+                raise ModelLoadError(
+                    f"The `config` folder `{config}` of model `{entry.name}` is not a "
+                    "diffusers folder (no model_index.json). Point it at a diffusers copy "
+                    "of the same architecture, e.g. `hf download "
+                    "stable-diffusion-v1-5/stable-diffusion-v1-5 --exclude '*.safetensors' "
+                    "'*.bin' --local-dir <folder>`."
+                )
+        return "single_file", str(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"`{source}` is a file, not a diffusers model folder.")
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"`{path}` is not a diffusers model folder: it has no model_index.json."
+            )
+        return "folder", str(path)
+    # An existing folder wins over a Hub id of the same spelling (e.g. `models/sd15`).
+    if is_hub_id(source):
+        return "hub", source
+    raise ModelLoadError(
+        f"No model folder exists at `{path.absolute()}`. Point the model source at an existing "
+        f"diffusers folder, a Hugging Face id like `owner/name`, or `{BUILTIN_TINY}`."
+    )
+
+
+def short_error(exc: BaseException, limit: int = 160) -> str:
+    """`exc` as one short line for messages and logs: its type and the start of its text."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_error(entry: ModelEntry, kind: str, location: str, exc: Exception) -> ModelLoadError:
+    """What to tell the owner when diffusers could not read the model at `location`."""
+    if kind == "hub":
+        log.warning("loading hub model %s failed: %s", entry.source, short_error(exc, 400))
+        return ModelLoadError(_hub_error_message(entry.source, exc))
+    log.error("loading model %s from %s failed", entry.name, location, exc_info=exc)
+    if kind == "single_file":
+        hint = (
+            "Is it a Stable Diffusion 1.x/2.x checkpoint, and does `config` describe the "
+            "same architecture?"
+            if entry.config
+            else "Without a `config` folder in the catalog its configs come from the Hub, "
+            "which needs the internet once; or set `config` to a local diffusers folder "
+            "of the same architecture."
+        )
+        return ModelLoadError(
+            f"Could not load the checkpoint `{location}` ({short_error(exc)}). {hint}"
+        )
+    return ModelLoadError(
+        f"Could not load the model folder `{location}` ({short_error(exc)}). "
+        "Is it a complete Stable Diffusion 1.x/2.x diffusers folder?"
+    )
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _hub_error_message(source: str, exc: BaseException) -> str:
+    # Lazy: huggingface_hub comes with diffusers, which only the worker thread imports.
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    chain = _exception_chain(exc)
+    # diffusers wraps everything in one OSError; the root cause says which fix applies.
+    if any(isinstance(e, GatedRepoError) for e in chain):
+        return (
+            f"Model `{source}` is gated on the Hugging Face Hub. Accept its license on "
+            f"https://huggingface.co/{source} and log in on this machine with `hf auth login`, "
+            "then try again."
+        )
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return (
+            f"Model `{source}` was not found on the Hugging Face Hub. Check the spelling "
+            "(it looks like `owner/name`), or log in with `hf auth login` if it is private."
+        )
+    offline = any(
+        isinstance(
+            e,
+            (
+                OfflineModeIsEnabled,
+                LocalEntryNotFoundError,
+                ConnectionError,
+                TimeoutError,
+            ),
+        )
+        or type(e).__name__ in {"ConnectError", "ConnectTimeout", "gaierror"}
+        for e in chain
+    )
+    if offline or "not fully cached locally" in str(exc) or "cached snapshot" in str(exc):
+        return (
+            f"Model `{source}` is not downloaded yet and the Hugging Face Hub cannot be reached. "
+            "Connect this machine to the internet once so it can be downloaded (it is cached "
+            f"after that), or download it elsewhere with `hf download {source} --local-dir "
+            "<folder>` and set the model source to that local folder."
+        )
+    return (
+        f"Model `{source}` could not be loaded from the Hugging Face Hub ({short_error(exc)}). "
+        "Check the id, or download it and set the model source to the local folder."
+    )
