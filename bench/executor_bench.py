@@ -37,9 +37,11 @@ from typing import Any
 
 from PIL import Image
 
-from bot.backend import JobOrigin
+from bot.backend import Failed, Finished, Job, JobOrigin, Started
+from bot.catalog import Catalog, probe_native_size
 from bot.db import Database
-from bot.executor import Failed, Finished, GpuExecutor, Job, Started
+from bot.errors import InvalidRequest
+from bot.executor import GpuExecutor
 from bot.jobs import GenerationRequest
 
 log = logging.getLogger("bench")
@@ -554,10 +556,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.size is None:
-        from bot.models import native_size
-
         args.size = native_size(args.model)
     return args
+
+
+def native_size(model: str) -> int:
+    """The square size `model` (a name in the shipped catalog, or a source) was trained at."""
+    try:
+        # The LoRA folder plays no part in native sizes; any path will do.
+        return Catalog.load(None, Path("data/loras")).resolve(model).native_size
+    except InvalidRequest:
+        return probe_native_size(model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """The GPU executor on the real tiny model: batching is exact, cancellation is prompt, failures
 and out-of-memory stay contained, and every job row ends in a final state.
 
-Scheduling order and policy are covered on a scripted engine in test_scheduler.py; these tests
-check that the executor and the real engine agree on the contract.
+Scheduling order and policy are covered as plain data in test_fair_queue_plan.py and on a
+scripted engine in test_fair_queue.py; these tests check that the executor and the real engine
+agree on the contract.
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.backend import JobOrigin, StepInfoLike
+from bot.backend import (
+    Failed,
+    Finished,
+    Job,
+    JobOrigin,
+    Progress,
+    Queued,
+    Started,
+    StepInfoLike,
+)
 from bot.db import Database
 from bot.engine import Engine
 from bot.errors import GpuOutOfMemory, JobCancelled, QueueFull
-from bot.executor import Failed, Finished, GpuExecutor, Job, Progress, Queued, Started
+from bot.executor import GpuExecutor
 from bot.imaging import read_parameters
 from bot.jobs import GenerationRequest
 

@@ -1,5 +1,6 @@
 """The executor's scheduling on a scripted fake engine: fairness, caps, batching, model
-preference, cancellation, failures, OOM splitting, progress throttling and shutdown.
+preference, cancellation, failures, OOM splitting, progress throttling, several workers
+sharing one queue, and shutdown.
 
 The fake engine runs on the real GPU thread and honours the engine contract (one call per
 batch, on_step per step, JobCancelled from on_step propagates), so these tests exercise the
@@ -9,11 +10,13 @@ real threading; `FakeEngine.hold()` parks the GPU thread so tests can build a qu
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,20 +24,20 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.backend import JobOrigin, StepInfoLike
-from bot.db import Database
-from bot.errors import GenerationFailed, GpuOutOfMemory, JobCancelled, QueueFull
-from bot.executor import (
+from bot.backend import (
     Failed,
     Finished,
-    GpuExecutor,
     Job,
-    ModelLoadRecorder,
+    JobOrigin,
     Progress,
     Queued,
     Started,
+    StepInfoLike,
     UserQueueFull,
 )
+from bot.db import Database
+from bot.errors import GenerationFailed, GpuOutOfMemory, JobCancelled, QueueFull
+from bot.executor import GpuExecutor, ModelLoadRecorder, Worker
 from bot.imaging import read_parameters
 from bot.jobs import GenerationRequest
 
@@ -73,9 +76,13 @@ class FakeResult:
 class FakeEngine:
     """Follows the engine contract; every call is recorded. Images encode their seed."""
 
-    def __init__(self, *, step_delay: float = 0.0, max_loaded: int = 1) -> None:
+    def __init__(
+        self, *, step_delay: float = 0.0, max_loaded: int = 1, journal: list[str] | None = None
+    ) -> None:
         self.step_delay = step_delay
         self.max_loaded = max_loaded
+        # Prompts of every call as it starts; several engines may share one.
+        self.journal = [] if journal is None else journal
         self.loaded_models: list[str] = []
         self.names: dict[str, str] = {}  # source -> the name loaded_models lists (a catalog's)
         self.calls: list[list[GenerationRequest]] = []
@@ -108,6 +115,7 @@ class FakeEngine:
         assert len({r.batch_key() for r in requests}) == 1, "mixed batch keys in one call"
         self.threads.add(threading.current_thread().name)
         self.calls.append(list(requests))
+        self.journal.extend(r.prompt for r in requests)
         self.entered.set()
         assert self._go.wait(30)
         self.load(requests[0].model)
@@ -620,6 +628,99 @@ async def test_model_loads_are_recorded_from_the_gpu_thread(db: Database) -> Non
     await recorder.drain()
     async with db.conn.execute("SELECT model, ok, seconds FROM model_loads") as cur:
         assert [tuple(r) for r in await cur.fetchall()] == [("m", 1, 1.5)]
+
+
+# -- several workers ------------------------------------------------------------------------
+
+
+async def on_workers(db: Database, engines: Sequence[FakeEngine], **kw: Any) -> GpuExecutor:
+    """An executor driving one worker per engine, started."""
+    kw.setdefault("user_queue_limit", 50)
+    kw.setdefault("progress_interval_s", 0.0)
+    workers = [Worker(engine, name=f"sdbot-gpu{i}") for i, engine in enumerate(engines)]
+    ex = GpuExecutor(db=db, workers=workers, **kw)
+    await ex.start()
+    return ex
+
+
+@asynccontextmanager
+async def all_held(ex: GpuExecutor) -> AsyncIterator[None]:
+    """Park every worker's thread so that jobs submitted inside the block queue up together;
+    leaving the block lets them all go at once."""
+    entered = [threading.Event() for _ in ex.workers]
+    gate = threading.Event()
+
+    def hold(index: int) -> None:
+        entered[index].set()
+        gate.wait(30)
+
+    held = [
+        asyncio.ensure_future(ex.run_on_gpu_thread(functools.partial(hold, i), worker=i))
+        for i in range(len(ex.workers))
+    ]
+    for event in entered:
+        assert await asyncio.to_thread(event.wait, 30)
+    try:
+        yield
+    finally:
+        gate.set()
+        await asyncio.gather(*held)
+
+
+async def test_two_workers_share_one_queue_and_keep_its_fair_order(db: Database) -> None:
+    journal: list[str] = []
+    engines = [FakeEngine(step_delay=0.02, journal=journal) for _ in range(2)]
+    ex = await on_workers(db, engines, max_batch=1)
+    try:
+        async with all_held(ex):
+            heavy = [await ex.submit(origin(1), req(f"h{i}")) for i in range(8)]
+            light = await ex.submit(origin(2), req("light"))
+            # Two workers: the heavy user's first job and the light job go next, one each.
+            assert (await until(light, Queued))[-1] == Queued(position=2)
+            assert ex.positions()[heavy[1].id] == 3
+        for job in [*heavy, light]:
+            assert isinstance((await events_of(job))[-1], Finished)
+    finally:
+        await ex.close()
+    assert all(len(engine.calls) >= 2 for engine in engines)  # both did a share of the work
+    assert set().union(*(engine.threads for engine in engines)) == {
+        "sdbot-gpu0_0",
+        "sdbot-gpu1_0",
+    }
+    assert sorted(journal) == sorted([*(f"h{i}" for i in range(8)), "light"])
+    # The light user waits for one job at most, whichever worker frees first...
+    assert "light" in journal[:2]
+    # ...and each worker ran the heavy user's jobs in that user's order.
+    for engine in engines:
+        mine = [int(p[1:]) for call in engine.prompts() for p in call if p.startswith("h")]
+        assert mine == sorted(mine)
+
+
+async def test_each_worker_prefers_jobs_for_the_model_it_has_loaded(db: Database) -> None:
+    engines = [FakeEngine(step_delay=0.02), FakeEngine(step_delay=0.02)]
+    engines[0].load(MODEL_A)
+    engines[1].load(MODEL_B)
+    ex = await on_workers(db, engines, max_batch=1)
+    try:
+        assert ex.status().loaded_models == [MODEL_A, MODEL_B]
+        async with all_held(ex):
+            b_jobs = [await ex.submit(origin(1), req(f"b{i}", model=MODEL_B)) for i in range(2)]
+            a_jobs = [await ex.submit(origin(2), req(f"a{i}")) for i in range(2)]
+        for job in [*b_jobs, *a_jobs]:
+            assert isinstance((await events_of(job))[-1], Finished)
+    finally:
+        await ex.close()
+    # Neither worker switched models, though the fair order alternates between them.
+    assert engines[0].prompts() == [["a0"], ["a1"]]
+    assert engines[1].prompts() == [["b0"], ["b1"]]
+
+
+def test_an_executor_takes_an_engine_or_workers_not_both(db: Database) -> None:
+    engine = FakeEngine()
+    with pytest.raises(TypeError):
+        GpuExecutor(engine, db, workers=[Worker(engine)])
+    with pytest.raises(TypeError):
+        GpuExecutor(db=db)
 
 
 # -- shutdown -------------------------------------------------------------------------------

@@ -1,0 +1,317 @@
+"""A worker: one thread that runs planned batches on one engine (one GPU, or one remote replica).
+
+Threads:
+- The worker's thread is a single `loop.run_in_executor` call on a one-worker pool, entered at
+  start() and left at shutdown, because CUDA contexts and pipelines are not shared across
+  threads. It loops: take the next unit of work from the host (blocking while there is none),
+  run it on the engine, report back. It runs engine calls and the bookkeeping around them
+  only: no PNG encoding, no database, no asyncio.
+- start(), `future` and shutdown() belong to the event loop.
+
+Within a batch the worker splits an out-of-memory call in halves (by jobs, then by images of
+one job, seeds kept), reruns the jobs of a failed call one by one so that one bad request does
+not fail its batch-mates, checks for cancels at every step, and throttles progress and
+previews before they leave the thread.
+
+The worker reaches the executor only through `WorkerHost`, so one executor can drive several
+workers; the engine is anything that follows `bot.backend.GenerationEngine`, which already
+turns the device's out-of-memory error into `bot.errors.GpuOutOfMemory` and frees memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeAlias, TypeVar
+
+from bot.backend import GenerationEngine, ResultLike, StepInfoLike
+from bot.errors import GenerationFailed, GpuOutOfMemory, JobCancelled, ModelLoadError
+from bot.executor.fair_queue import Batch
+from bot.executor.local_job import LocalJob, Outcome
+from bot.jobs import GenerationRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["Call", "Work", "Worker", "WorkerHost"]
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=GenerationEngine)
+
+#: A function to run on a worker's thread between batches, and the future for its result.
+Call: TypeAlias = tuple[Callable[[], object], concurrent.futures.Future[object]]
+Work: TypeAlias = "Batch[LocalJob] | Call"
+
+
+class WorkerHost(Protocol):
+    """The executor as its workers see it. Every member is used on a worker's thread, so an
+    implementation must be thread-safe and hand anything for the event loop over to it."""
+
+    @property
+    def closing(self) -> bool: ...
+
+    @property
+    def preview_every(self) -> int:
+        """Steps between preview images; 0 = no previews."""
+        ...
+
+    @property
+    def progress_interval_s(self) -> float:
+        """A job's progress reports closer together than this are dropped (not the last)."""
+        ...
+
+    def next_work(self, worker: Worker[Any]) -> Work | None:
+        """Block until there is work for `worker`: a call, or a batch whose jobs now count as
+        running. None: the executor is closing; the worker's thread ends."""
+        ...
+
+    def progress(self, job: LocalJob, step: int, total: int, preview: Image.Image | None) -> None:
+        """`job` reached `step` of `total`, with a preview image every few steps."""
+        ...
+
+    def cancelled(self, job: LocalJob) -> None:
+        """`job` stopped at a cancel (its batch-mates may go on): tell its user now."""
+        ...
+
+    def finished(
+        self, worker: Worker[Any], batch: Batch[LocalJob] | None, outcomes: dict[int, Outcome]
+    ) -> None:
+        """The work next_work() gave is over (`batch` None: it was a call); `outcomes` holds
+        each job's results, error or cancel, by job id."""
+        ...
+
+
+class Worker(Generic[E]):
+    """One engine and the one thread that drives it.
+
+    Generic over the engine so `worker.engine` keeps its own type.
+    """
+
+    def __init__(self, engine: E, *, name: str = "sdbot-gpu") -> None:
+        self.engine = engine
+        self.name = name
+        # One thread, forever: CUDA contexts and pipelines are not shared across threads.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._future: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Worker({self.name!r})"
+
+    @property
+    def max_loaded(self) -> int:
+        """Models the engine keeps loaded at once."""
+        return max(1, int(getattr(self.engine, "max_loaded", 1)))
+
+    def loaded_models(self) -> list[str]:
+        """The engine's loaded models, least recently used first; [] if it cannot say."""
+        try:
+            return list(self.engine.loaded_models)
+        except Exception:
+            return []
+
+    # -- event loop -------------------------------------------------------------------------
+
+    def start(self, host: WorkerHost) -> asyncio.Future[None]:
+        """Enter the worker's thread; it serves `host` until next_work() returns None."""
+        self._future = asyncio.get_running_loop().run_in_executor(self._pool, self._main, host)
+        return self._future
+
+    @property
+    def future(self) -> asyncio.Future[None] | None:
+        """Done when the worker's thread has left (its exception, if it crashed)."""
+        return self._future
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    # -- the worker's thread ----------------------------------------------------------------
+
+    def _main(self, host: WorkerHost) -> None:
+        while True:
+            work = host.next_work(self)
+            if work is None:
+                return
+            if isinstance(work, Batch):
+                host.finished(self, work, _BatchRun(self.engine, host, work.jobs).run())
+            else:
+                fn, future = work
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                host.finished(self, None, {})
+
+
+@dataclass(eq=False)
+class _Part:
+    """Images of one job in one engine call: the whole job, or a slice after an OOM split."""
+
+    job: LocalJob
+    request: GenerationRequest
+    offset: int  # index of this part's first image within the job
+
+
+@dataclass
+class _Throttle:
+    last_sent: float = -math.inf
+    last_preview_step: int = 0
+
+
+class _BatchRun:
+    """One batch on the worker's thread: engine calls, splits and retries, and each job's
+    outcome; tells the host about cancels at once, and about the rest when it is over."""
+
+    def __init__(self, engine: GenerationEngine, host: WorkerHost, jobs: list[LocalJob]) -> None:
+        self.engine = engine
+        self.host = host
+        self.jobs = jobs
+        self.outcomes: dict[int, Outcome] = {job.id: Outcome() for job in jobs}
+        self.throttles: dict[int, _Throttle] = {}
+
+    def run(self) -> dict[int, Outcome]:
+        try:
+            self._run_parts([_Part(job, job.request, 0) for job in self.jobs])
+        except Exception as exc:  # a bug here must not kill the worker's thread
+            log.exception("executor error while running a batch")
+            for job in self.jobs:
+                self._fail(job, exc)
+        return self.outcomes
+
+    # -- outcomes ---------------------------------------------------------------------------
+
+    def _dead(self, job: LocalJob) -> bool:
+        outcome = self.outcomes[job.id]
+        return outcome.cancelled or outcome.error is not None
+
+    def _cancelled(self, job: LocalJob) -> None:
+        if self._dead(job):
+            return
+        self.outcomes[job.id].cancelled = True
+        # Tell the user now, not when the rest of the batch is done.
+        self.host.cancelled(job)
+
+    def _fail(self, job: LocalJob, error: BaseException) -> None:
+        if not self._dead(job):
+            self.outcomes[job.id].error = error
+
+    def _stopped(self, job: LocalJob) -> bool:
+        return job.cancel_requested or self.host.closing
+
+    # -- engine calls -----------------------------------------------------------------------
+
+    def _run_parts(self, parts: list[_Part]) -> None:
+        """One engine call for `parts`; on OOM split in halves; on an error find the culprit."""
+        live: list[_Part] = []
+        for part in parts:
+            if self._stopped(part.job):
+                self._cancelled(part.job)
+            elif not self._dead(part.job):
+                live.append(part)
+        if not live:
+            return
+        try:
+            results = self.engine.generate(
+                [part.request for part in live], on_step=self._step_callback(live)
+            )
+        except JobCancelled:
+            # on_step raises only once every job in the call is cancelled (or on shutdown).
+            for part in live:
+                self._cancelled(part.job)
+            return
+        except GpuOutOfMemory as exc:
+            # The engine has freed what it could; smaller calls may fit.
+            if len(live) > 1:
+                half = len(live) // 2
+                log.warning("out of GPU memory with %d jobs; retrying in halves", len(live))
+                self._run_parts(live[:half])
+                self._run_parts(live[half:])
+            elif live[0].request.count > 1:
+                for half_part in _split_images(live[0]):
+                    self._run_parts([half_part])
+            else:
+                req = live[0].request
+                oom = GpuOutOfMemory(
+                    f"The GPU ran out of memory for this {req.width}×{req.height} image even "
+                    "when it ran on its own. Try a smaller size."
+                )
+                oom.__cause__ = exc
+                self._fail(live[0].job, oom)
+            return
+        except Exception as exc:
+            if len(live) > 1 and not isinstance(exc, ModelLoadError) and not self.host.closing:
+                # One bad request must not fail its batch-mates: rerun each alone.
+                log.warning("a batch of %d failed (%s); retrying one by one", len(live), exc)
+                for part in live:
+                    self._run_parts([part])
+                return
+            for part in live:
+                self._fail(part.job, exc)
+            return
+        if len(results) != len(live):
+            wrong = GenerationFailed("The engine returned the wrong number of results.")
+            for part in live:
+                self._fail(part.job, wrong)
+            return
+        for part, result in zip(live, results, strict=True):
+            self._ok(part, result)
+
+    def _ok(self, part: _Part, result: ResultLike) -> None:
+        if not self._dead(part.job):
+            self.outcomes[part.job.id].results.append((part.offset, result))
+
+    def _step_callback(self, live: list[_Part]) -> Callable[[StepInfoLike], None]:
+        def on_step(info: StepInfoLike) -> None:
+            running = False
+            for index, part in enumerate(live):
+                job = part.job
+                if self._stopped(job):
+                    self._cancelled(job)
+                    continue
+                if self._dead(job):
+                    continue
+                running = True
+                self._progress(job, index, info)
+            if not running:
+                raise JobCancelled("Cancelled while running.")
+
+        return on_step
+
+    def _progress(self, job: LocalJob, index: int, info: StepInfoLike) -> None:
+        throttle = self.throttles.setdefault(job.id, _Throttle())
+        now = time.monotonic()
+        last = info.step >= info.total
+        if not last and now - throttle.last_sent < self.host.progress_interval_s:
+            return
+        throttle.last_sent = now
+        preview: Image.Image | None = None
+        every = self.host.preview_every
+        if (
+            every
+            and not last  # the finished image follows at once; no point previewing it
+            and info.step - throttle.last_preview_step >= every
+        ):
+            throttle.last_preview_step = info.step
+            try:
+                preview = info.preview(index)
+            except Exception:
+                log.warning("preview failed for job %d", job.id, exc_info=True)
+        self.host.progress(job, info.step, info.total, preview)
+
+
+def _split_images(part: _Part) -> list[_Part]:
+    """One multi-image job as two smaller ones; image i keeps its seed, so nothing changes."""
+    req = part.request
+    half = req.count // 2
+    seeds = req.seeds
+    return [
+        _Part(part.job, replace(req, count=half), part.offset),
+        _Part(part.job, replace(req, seed=seeds[half], count=req.count - half), part.offset + half),
+    ]
