@@ -1,7 +1,8 @@
-"""The contract between the cogs and whatever makes images: events, job handles, status.
+"""The contract between the fronts and whatever makes images: events, job handles, status.
 
-Cogs depend on `ImageBackend` only, so the local single-GPU executor (bot/executor.py) can be
-swapped for a distributed backend later without touching them. The engine side of the
+The fronts (bot/discord_front, cogs/) depend on `ImageBackend`, `Job`, the events and
+`JobOrigin` only, so the executor in bot/executor/ (a fair queue driving one worker per GPU)
+can drive other workers, or be replaced, without touching them. The engine side of the
 contract (`GenerationEngine`, `StepInfoLike`, `ResultLike`) is structural so the executor and
 its tests do not need to import torch or diffusers.
 """

@@ -28,7 +28,7 @@ from bot.backend import (
 from bot.db import Database
 from bot.errors import GenerationFailed, JobCancelled, SdbotError
 from bot.executor.local_job import LocalJob, Outcome
-from bot.imaging import encode_png, make_grid, request_parameters
+from bot.imaging import encode_pngs, request_parameters
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -130,7 +130,7 @@ class Delivery:
         sampler = results[0][1].sampler
         parameters = [request_parameters(job.request, seed=s, sampler=sampler) for s in seeds]
         try:
-            pngs, grid = await asyncio.to_thread(_encode_all, pictures, parameters)
+            pngs, grid = await asyncio.to_thread(encode_pngs, pictures, parameters)
         except Exception as exc:
             log.exception("job %d: encoding failed", job.id)
             self.end(
@@ -269,17 +269,6 @@ class ModelLoadRecorder:
 
 
 # -- encoding, in asyncio.to_thread ---------------------------------------------------------
-
-
-def _encode_all(
-    images: Sequence[Image.Image], parameters: Sequence[str]
-) -> tuple[list[bytes], bytes | None]:
-    pngs = [encode_png(image, text) for image, text in zip(images, parameters, strict=True)]
-    grid = None
-    if len(images) > 1:
-        # A1111 labels a grid with its first image's parameters.
-        grid = encode_png(make_grid(images), parameters[0])
-    return pngs, grid
 
 
 def _preview_png(image: Image.Image) -> bytes:
