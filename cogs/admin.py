@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import re
 from collections import Counter, defaultdict
 from datetime import timedelta
 from typing import Any
@@ -15,6 +14,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.blocklist import check_entry
 from bot.charts import stacked_bars
 from bot.discord_front.options import scheduler_choices
 from bot.discord_front.policy import Refused, manages_guild, utcnow
@@ -171,19 +171,17 @@ class Config(app_commands.Group, name="config", description="Server settings for
         self, interaction: discord.Interaction, pattern: app_commands.Range[str, 1, 200]
     ) -> None:
         guild_id = require_admin(interaction)
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as exc:
-                raise InvalidRequest(f"That regular expression is invalid: {exc}.") from None
+        # Probing a pattern for backtracking takes up to 1.5 s of CPU: not on the event loop.
+        entry = await asyncio.to_thread(check_entry, pattern)
         await services(interaction).guild_configs.add(
-            "blocked_words", "pattern", guild_id, pattern, by=interaction.user.id
+            "blocked_words", "pattern", guild_id, entry, by=interaction.user.id
         )
-        await interaction.response.send_message(f"✅ Blocking `{pattern}`.", ephemeral=True)
+        await interaction.response.send_message(f"✅ Blocking `{entry}`.", ephemeral=True)
 
     @blocklist.command(name="remove", description="Stop refusing a pattern")
     async def blocklist_remove(self, interaction: discord.Interaction, pattern: str) -> None:
         guild_id = require_admin(interaction)
+        pattern = pattern.strip()  # entries are stored stripped (check_entry)
         removed = await services(interaction).guild_configs.remove(
             "blocked_words", "pattern", guild_id, pattern, by=interaction.user.id
         )

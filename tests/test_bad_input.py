@@ -3,7 +3,6 @@ says why, records why, and the next good request still succeeds."""
 
 from __future__ import annotations
 
-import io
 import logging
 import sqlite3
 import struct
@@ -39,13 +38,6 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
-def gif_animated() -> bytes:
-    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
-    buf = io.BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
-    return buf.getvalue()
-
-
 def slash(
     command: str, options: dict[str, Any], *, user: str = "member", validate: bool = False
 ) -> Action:
@@ -75,6 +67,11 @@ def admin_then(setup: list[tuple[str, dict[str, Any]]], action: Action) -> Actio
         return await action(c, h)
 
     return act
+
+
+def rule(command: str, options: dict[str, Any], **imagine: Any) -> Action:
+    """An admin sets a server rule, then the member runs /imagine against it."""
+    return admin_then([(command, options)], slash("imagine", {"prompt": "x", **imagine}))
 
 
 async def _fill(c: ControlClient, options: dict[str, Any]) -> dict[str, Any]:
@@ -130,9 +127,7 @@ def context_menu(name: str, data: bytes | None) -> Action:
 
 def edit_modal(strength: str) -> Action:
     async def act(c: ControlClient, h: Harness) -> dict[str, Any]:
-        posted = await c.post_message(
-            "look", [await c.upload(images.photo((64, 64)), "p.png", "image/png")]
-        )
+        posted = await c.post_message("look", [await c.upload(PHOTO, "p.png", PNG)])
         opened = await c.context_menu("Edit with prompt", posted["id"])
         fields = [
             row["components"][0]["custom_id"]
@@ -148,250 +143,255 @@ def edit_modal(strength: str) -> Action:
 @dataclass(frozen=True)
 class Case:
     action: Action
-    says: str  # part of the ephemeral message
-    reason: str | None  # the job row's reason; None when no job row is involved
+    says: str  # a phrase of the ephemeral message that names what is wrong
+    reason: str | None  # the rejected job row's reason; None: no job row is written
+    by: str = "member"  # who sent it, and so who sees the ephemeral reply
+
+
+def by_admin(command: str, options: dict[str, Any], says: str) -> Case:
+    """An admin's command refused: no job is involved, and only the admin sees why."""
+    return Case(slash(command, options, user="admin"), says, None, by="admin")
 
 
 PNG, TXT = "image/png", "text/plain"
 PHOTO = images.photo((64, 64))
-CASES: dict[str, Case] = {
-    # /imagine options (a modified client bypasses Discord's own checks)
-    "steps-zero": Case(
-        slash("imagine", {"prompt": "x", "steps": 0}), "steps 0 is out of range", "invalid"
+NOT_AN_IMAGE = "must be an image (PNG, JPEG, WebP or GIF); got a text/plain"
+# /imagine options (a modified client bypasses Discord's own checks): option, what it says.
+IMAGINE: dict[str, tuple[dict[str, Any], str]] = {
+    "steps-zero": ({"steps": 0}, "steps 0 is out of range; use 1 to 150"),
+    "steps-huge": ({"steps": 9999}, "steps 9999 is out of range"),
+    "steps-text": ({"steps": "many"}, "steps must be a whole number, got 'many'"),
+    "size-huge": ({"size": "4096x4096"}, "width 4096 is out of range; use 64 to 1024 pixels"),
+    "size-small": ({"size": "64x16"}, "height 16 is out of range"),
+    "size-words": ({"size": "large"}, "size 'large' is not WIDTHxHEIGHT"),
+    "guidance-huge": ({"guidance": 99}, "guidance 99.0 is out of range; use 0 to 30"),
+    "guidance-negative": ({"guidance": -1}, "guidance -1.0 is out of range"),
+    "seed-negative": ({"seed": -5}, "seed -5 is out of range"),
+    "seed-huge": ({"seed": 2**40}, f"seed {2**40} is out of range; use 0 to {2**32 - 1}"),
+    "count-zero": ({"count": 0}, "count 0 is out of range; use 1 to 4"),
+    "count-huge": ({"count": 50}, "count 50 is out of range"),
+    "prompt-blank": ({"prompt": "   "}, "The prompt is empty"),
+    "prompt-5000": ({"prompt": "y" * 5000}, "The prompt is 5000 characters long; the limit"),
+    "negative-long": (
+        {"negative": "n" * 3000},
+        "The negative prompt is 3000 characters long; the limit is 1000",
     ),
-    "steps-huge": Case(
-        slash("imagine", {"prompt": "x", "steps": 9999}), "steps 9999 is out of range", "invalid"
+    "model-unknown": ({"model": "nope"}, "Unknown model 'nope'. Available: tiny"),
+    "model-hub-id": ({"model": "evil/repo"}, "Unknown model 'evil/repo'. Available: tiny"),
+    "model-path": ({"model": "/etc/passwd"}, "Unknown model '/etc/passwd'. Available: tiny"),
+    "scheduler-unknown": (
+        {"scheduler": "Warp 9"},
+        "Unknown scheduler 'Warp 9'. Use one of: default, Euler",
     ),
-    "steps-text": Case(
-        slash("imagine", {"prompt": "x", "steps": "many"}), "steps must be a whole number", None
-    ),
-    "size-huge": Case(
-        slash("imagine", {"prompt": "x", "size": "4096x4096"}), "out of range", "invalid"
-    ),
-    "size-small": Case(slash("imagine", {"prompt": "x", "size": "64x16"}), "height 16", "invalid"),
-    "size-words": Case(
-        slash("imagine", {"prompt": "x", "size": "large"}), "WIDTHxHEIGHT", "invalid"
-    ),
-    "guidance-huge": Case(
-        slash("imagine", {"prompt": "x", "guidance": 99}), "guidance 99", "invalid"
-    ),
-    "guidance-negative": Case(
-        slash("imagine", {"prompt": "x", "guidance": -1}), "guidance -1", "invalid"
-    ),
-    "seed-negative": Case(slash("imagine", {"prompt": "x", "seed": -5}), "seed -5", "invalid"),
-    "seed-huge": Case(slash("imagine", {"prompt": "x", "seed": 2**40}), "out of range", "invalid"),
-    "count-zero": Case(slash("imagine", {"prompt": "x", "count": 0}), "count 0", "invalid"),
-    "count-huge": Case(slash("imagine", {"prompt": "x", "count": 50}), "count 50", "invalid"),
-    "prompt-blank": Case(slash("imagine", {"prompt": "   "}), "prompt is empty", "invalid"),
-    "prompt-5000": Case(slash("imagine", {"prompt": "y" * 5000}), "5000 characters", "invalid"),
-    "negative-long": Case(
-        slash("imagine", {"prompt": "x", "negative": "n" * 3000}), "negative prompt", "invalid"
-    ),
-    "model-unknown": Case(
-        slash("imagine", {"prompt": "x", "model": "nope"}), "Unknown model", "invalid"
-    ),
-    "model-hub-id": Case(
-        slash("imagine", {"prompt": "x", "model": "evil/repo"}), "Unknown model", "invalid"
-    ),
-    "model-path": Case(
-        slash("imagine", {"prompt": "x", "model": "/etc/passwd"}), "Unknown model", "invalid"
-    ),
-    "scheduler-unknown": Case(
-        slash("imagine", {"prompt": "x", "scheduler": "Warp 9"}), "scheduler", "invalid"
-    ),
-    "lora-unknown": Case(
-        slash("imagine", {"prompt": "x", "lora": "ghost"}), "Unknown LoRA", "invalid"
-    ),
-    # /img2img and /inpaint attachments
-    "attachment-text": Case(
-        with_upload("img2img", {"image": (b"hello", "a.txt", TXT)}), "must be an image", "invalid"
-    ),
-    "attachment-empty": Case(
-        with_upload("img2img", {"image": (b"", "e.png", PNG)}), "empty", "invalid"
-    ),
-    "attachment-truncated": Case(
-        with_upload("img2img", {"image": (PHOTO[:60], "t.png", PNG)}), "image", "invalid"
-    ),
-    "attachment-not-png": Case(
-        with_upload("img2img", {"image": (b"GIF89a" + b"\0" * 20, "x.png", PNG)}),
-        "image",
-        "invalid",
-    ),
-    "attachment-bomb": Case(
-        with_upload("img2img", {"image": (png_header_only(20000, 20000), "b.png", PNG)}),
-        "pixels",
-        "invalid",
-    ),
-    "attachment-huge": Case(
-        with_upload("img2img", {"image": (b"\x89PNG" + b"\0" * (11 * 2**20), "h.png", PNG)}),
-        "MB",
-        "invalid",
-    ),
-    "strength-zero": Case(
-        with_upload("img2img", {"image": (PHOTO, "p.png", PNG)}, {"prompt": "x", "strength": 0}),
-        "strength",
-        "invalid",
-    ),
-    "strength-huge": Case(
-        with_upload("img2img", {"image": (PHOTO, "p.png", PNG)}, {"prompt": "x", "strength": 3}),
-        "strength",
-        "invalid",
-    ),
-    "inpaint-opaque": Case(
-        with_upload("inpaint", {"image": (PHOTO, "p.png", PNG)}), "transparent", "invalid"
-    ),
-    "mask-empty": Case(
-        with_upload(
-            "inpaint",
-            {
-                "image": (PHOTO, "p.png", PNG),
-                "mask": (images.png(Image.new("L", (64, 64), 0)), "m.png", PNG),
-            },
-        ),
-        "mask",
-        "invalid",
-    ),
-    "mask-all-white": Case(
-        with_upload(
-            "inpaint",
-            {
-                "image": (PHOTO, "p.png", PNG),
-                "mask": (images.png(Image.new("L", (64, 64), 255)), "m.png", PNG),
-            },
-        ),
-        "mask",
-        "invalid",
-    ),
-    "mask-wrong-shape": Case(
-        with_upload(
-            "inpaint",
-            {"image": (PHOTO, "p.png", PNG), "mask": (images.mask((64, 256)), "m.png", PNG)},
-        ),
-        "mask",
-        "invalid",
-    ),
-    "mask-text": Case(
-        with_upload("inpaint", {"image": (PHOTO, "p.png", PNG), "mask": (b"nope", "m.txt", TXT)}),
-        "must be an image",
-        "invalid",
-    ),
-    # server rules
-    "blocked-word": Case(
-        admin_then(
-            [("config blocklist add", {"pattern": "dragon"})],
-            slash("imagine", {"prompt": "a DRAGÓN"}),
-        ),
-        "blocks",
-        "blocked_word",
-    ),
-    "wrong-channel": Case(
-        admin_then(
-            [("config channels add", {"channel": "$art"})], slash("imagine", {"prompt": "x"})
-        ),
-        "not enabled in this channel",
-        "channel",
-    ),
-    "banned": Case(
-        admin_then(
-            [("config ban", {"user": "$member", "reason": "rules"})],
-            slash("imagine", {"prompt": "x"}),
-        ),
-        "rules",
-        "banned",
-    ),
-    "over-server-max": Case(
-        admin_then(
-            [("config set", {"key": "max_count", "value": "1"})],
-            slash("imagine", {"prompt": "x", "count": 2}),
-        ),
-        "server allows",
-        "limit",
-    ),
-    "model-not-allowed": Case(
-        admin_then(
-            [("config set", {"key": "allowed_models", "value": "tiny"})],
-            slash("imagine", {"prompt": "x", "model": "sd15"}),
-        ),
-        "not enabled here",
-        "model",
-    ),
-    "over-quota": Case(
-        admin_then(
-            [("config set", {"key": "daily_quota", "value": "1"})],
-            slash("imagine", {"prompt": "x", "count": 2}),
-        ),
-        "daily quota",
-        "quota",
-    ),
-    "config-by-member": Case(
-        slash("config set", {"key": "max_steps", "value": "1"}), "Manage Server", None
-    ),
-    "config-bad-key": Case(
-        slash("config set", {"key": "nope", "value": "1"}, user="admin"), "no setting", None
-    ),
-    "config-bad-value": Case(
-        slash("config set", {"key": "max_steps", "value": "lots"}, user="admin"),
-        "must be a whole number",
-        None,
-    ),
-    "stats-by-member": Case(slash("stats", {}), "Manage Server", None),
-    "history-of-others": Case(slash("history", {"user": "$admin"}), "Only moderators", None),
-    # buttons, context menus, modals
-    "button-unknown-action": Case(click("sdbot:zap:{job}"), "not one sdbot knows", None),
-    "button-foreign-id": Case(click("someone-else:1"), "isn't one of sdbot's", None),
-    "button-deleted-job": Case(click_after_row_deleted(), "no longer exists", None),
-    "button-cancel-finished": Case(click("sdbot:cancel:{job}"), "already finished", None),
-    "menu-no-image": Case(context_menu("Vary image", None), "no image", None),
-    "menu-params-none": Case(
-        context_menu("Show parameters", PHOTO), "no generation parameters", None
-    ),
-    "modal-bad-strength": Case(edit_modal("abc"), "not a number", None),
-    "pnginfo-text": Case(
-        with_upload("pnginfo", {"image": (b"hi", "a.txt", TXT)}, {}), "must be an image", None
-    ),
-    "pnginfo-plain-png": Case(
-        with_upload("pnginfo", {"image": (PHOTO, "p.png", PNG)}, {}),
-        "no generation parameters",
-        None,
-    ),
-    "cancel-nothing": Case(slash("cancel", {}), "no jobs waiting", None),
-    "cancel-unknown-job": Case(slash("cancel", {"job": 999}), "no job #999", None),
+    "lora-unknown": ({"lora": "ghost"}, "Unknown LoRA 'ghost'"),
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+def masked(mask: bytes, filename: str = "m.png", ctype: str = PNG) -> Action:
+    return with_upload("inpaint", {"image": (PHOTO, "p.png", PNG), "mask": (mask, filename, ctype)})
+
+
+def img2img(data: bytes, filename: str = "p.png", ctype: str = PNG, **options: Any) -> Action:
+    opts = {"prompt": "x", **options} if options else None
+    return with_upload("img2img", {"image": (data, filename, ctype)}, opts)
+
+
+BLACK, WHITE = (images.png(Image.new("L", (64, 64), v)) for v in (0, 255))
+CASES: dict[str, Case] = {
+    **{
+        name: Case(slash("imagine", {"prompt": "x", **options}), says, "invalid")
+        for name, (options, says) in IMAGINE.items()
+    },
+    # /img2img and /inpaint attachments
+    "attachment-text": Case(
+        img2img(b"hello", "a.txt", TXT), f"The image {NOT_AN_IMAGE}", "invalid"
+    ),
+    "attachment-empty": Case(img2img(b"", "e.png"), "The image is empty (0 bytes)", "invalid"),
+    "attachment-truncated": Case(
+        img2img(PHOTO[:60], "t.png"), "The image is truncated or corrupt", "invalid"
+    ),
+    "attachment-not-png": Case(
+        img2img(b"GIF89a" + b"\0" * 20, "x.png"),
+        "The image is not an image sdbot can read",
+        "invalid",
+    ),
+    "attachment-bomb": Case(
+        img2img(png_header_only(20000, 20000), "b.png"),
+        "The image has too many pixels to process safely (400.0 megapixels)",
+        "invalid",
+    ),
+    "attachment-huge": Case(
+        img2img(b"\x89PNG" + b"\0" * (11 * 2**20), "h.png"),
+        "The image is 11.0 MB; the limit is 10 MB",
+        "invalid",
+    ),
+    "strength-zero": Case(
+        img2img(PHOTO, strength=0), "strength 0.0 is out of range; use 0.05 to 1", "invalid"
+    ),
+    "strength-huge": Case(img2img(PHOTO, strength=3), "strength 3.0 is out of range", "invalid"),
+    "inpaint-opaque": Case(
+        with_upload("inpaint", {"image": (PHOTO, "p.png", PNG)}),
+        "Inpainting needs to know what to repaint",
+        "invalid",
+    ),
+    "mask-empty": Case(masked(BLACK), "The mask is empty (all black)", "invalid"),
+    "mask-all-white": Case(masked(WHITE), "The mask is all white", "invalid"),
+    "mask-wrong-shape": Case(
+        masked(images.mask((64, 256))), "The mask is 64x256 but the image is 64x64", "invalid"
+    ),
+    "mask-text": Case(masked(b"nope", "m.txt", TXT), f"The mask {NOT_AN_IMAGE}", "invalid"),
+    # server rules
+    "blocked-word": Case(
+        rule("config blocklist add", {"pattern": "dragon"}, prompt="a DRAGÓN"),
+        "Your prompt contains a word or phrase this server blocks",
+        "blocked_word",
+    ),
+    "wrong-channel": Case(
+        rule("config channels add", {"channel": "$art"}),
+        "Image commands are not enabled in this channel. Try <#",
+        "channel",
+    ),
+    "banned": Case(
+        rule("config ban", {"user": "$member", "reason": "rules"}),
+        "You can't use sdbot in this server: rules",
+        "banned",
+    ),
+    "over-server-max": Case(
+        rule("config set", {"key": "max_count", "value": "1"}, count=2),
+        "2 images is more than this server allows (1)",
+        "limit",
+    ),
+    "model-not-allowed": Case(
+        rule("config set", {"key": "allowed_models", "value": "tiny"}, model="sd15"),
+        "The model 'sd15' is not enabled here. Use: tiny",
+        "model",
+    ),
+    "over-quota": Case(
+        rule("config set", {"key": "daily_quota", "value": "1"}, count=2),
+        "That would pass your daily quota of 1 images",
+        "quota",
+    ),
+    # admin and member commands that make no job: no row, only the reply
+    "config-by-member": Case(
+        slash("config set", {"key": "max_steps", "value": "1"}),
+        "You need the Manage Server permission to do that",
+        None,
+    ),
+    "config-bad-key": by_admin(
+        "config set",
+        {"key": "nope", "value": "1"},
+        "There is no setting 'nope'. Settings: default_model",
+    ),
+    "config-bad-value": by_admin(
+        "config set",
+        {"key": "max_steps", "value": "lots"},
+        "max_steps must be a whole number, not 'lots'",
+    ),
+    "config-slow-regex": by_admin(
+        "config blocklist add",
+        {"pattern": "re:(a|aa)+$"},
+        "That regular expression is too slow on long prompts",
+    ),
+    "config-bad-regex": by_admin(
+        "config blocklist add", {"pattern": "re:(unclosed"}, "That regular expression is invalid"
+    ),
+    "stats-by-member": Case(
+        slash("stats", {}), "You need the Manage Server permission to do that", None
+    ),
+    "history-of-others": Case(
+        slash("history", {"user": "$admin"}), "Only moderators can see other members' history", None
+    ),
+    "pnginfo-text": Case(
+        with_upload("pnginfo", {"image": (b"hi", "a.txt", TXT)}, {}),
+        f"The image {NOT_AN_IMAGE}",
+        None,
+    ),
+    "pnginfo-plain-png": Case(
+        with_upload("pnginfo", {"image": (PHOTO, "p.png", PNG)}, {}),
+        "`p.png` carries no generation parameters",
+        None,
+    ),
+    "cancel-nothing": Case(slash("cancel", {}), "You have no jobs waiting or running here", None),
+    "cancel-unknown-job": Case(slash("cancel", {"job": 999}), "There is no job #999 here", None),
+    # buttons, context menus, modals
+    "button-unknown-action": Case(
+        click("sdbot:zap:{job}"), "This button is not one sdbot knows", None
+    ),
+    "button-foreign-id": Case(
+        click("someone-else:1"), "That button isn't one of sdbot's, or it expired", None
+    ),
+    "button-deleted-job": Case(
+        click_after_row_deleted(), "(it no longer exists, or it isn't yours)", None
+    ),
+    "button-cancel-finished": Case(click("sdbot:cancel:{job}"), "has already finished", None),
+    "menu-no-image": Case(
+        context_menu("Vary image", None), "That message has no image attached", None
+    ),
+    "menu-params-none": Case(
+        context_menu("Show parameters", PHOTO), "`f.png` carries no generation parameters", None
+    ),
+    "modal-bad-strength": Case(edit_modal("abc"), "strength 'abc' is not a number", "invalid"),
+    "modal-strength-out-of-range": Case(
+        edit_modal("5"), "strength 5.0 is out of range; use 0.05 to 1", "invalid"
+    ),
+}
+#: Cases that show a bug in a file this corpus does not own; strict, so a fix is noticed.
+KNOWN_BUGS = {
+    "modal-bad-strength": (
+        "cogs/context_menus.py PromptModal.on_submit refuses an unparsable strength before "
+        "recording_refusals, so no rejected row is written (strength '5' is recorded)"
+    ),
+}
+#: Rules that still hold for the member afterwards, by design.
+STILL_REFUSED = {"banned", "wrong-channel", "over-quota"}
+UNEXPECTED = ("unexpected error", "something went wrong", "traceback")
+
+
+def rejected_rows(h: Harness) -> list[tuple[str, str]]:
+    with sqlite3.connect(h.settings.db_path) as conn:
+        sql = "SELECT reason, error FROM jobs WHERE status='rejected' ORDER BY id"
+        return [(str(r[0]), str(r[1])) for r in conn.execute(sql)]
+
+
+def case_params() -> list[Any]:
+    bug = {n: pytest.mark.xfail(strict=True, reason=why) for n, why in KNOWN_BUGS.items()}
+    return [pytest.param(n, marks=[bug[n]] if n in bug else []) for n in CASES]
+
+
+@pytest.mark.parametrize("name", case_params())
 async def test_bad_input(harness: Harness, name: str, caplog: pytest.LogCaptureFixture) -> None:
     case = CASES[name]
     c = harness.control
-    member = await c.member_id()
     caplog.set_level(logging.INFO)
     sent = await case.action(c, harness)
     inter_id = sent["interaction"]["id"]
-    viewer = member if not name.startswith("config-bad") else await c.admin_id()
+    viewer = await (c.member_id() if case.by == "member" else c.admin_id())
     reply = await c.wait_for_message(
         lambda m: m.get("interaction_metadata", {}).get("id") == inter_id and bool(m["flags"] & 64),
         viewer=viewer,
         timeout=60,
     )
-    assert case.says.lower() in reply["content"].lower(), reply["content"]
-    assert "Traceback" not in reply["content"]
-    with sqlite3.connect(harness.settings.db_path) as conn:
-        refused = conn.execute("SELECT reason, error FROM jobs WHERE status='rejected'").fetchall()
-    if case.reason is not None:
-        assert [r[0] for r in refused] == [case.reason]
-        assert refused[0][1]
+    shown = reply["content"]
+    # A refusal the bot meant to give, not the catch-all for an exception nobody expected.
+    assert case.says in shown, shown
+    logged = [r.getMessage().lower() for r in caplog.records]
+    for phrase in UNEXPECTED:
+        assert phrase not in shown.lower(), shown
+        assert not [m for m in logged if phrase in m], phrase
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+    rows = rejected_rows(harness)
+    if case.reason is None:
+        assert rows == []
     else:
-        assert any(
-            "refused" in r.getMessage() or "unexpected" in r.getMessage() for r in caplog.records
-        )
+        # Recorded once, with the rule's reason and the very text the member was shown.
+        assert [reason for reason, _ in rows] == [case.reason]
+        assert shown == f"⚠️ {rows[0][1]}"
+
+    if name in STILL_REFUSED:
+        return
     # The next good request still succeeds.
-    if name in ("banned", "wrong-channel", "over-quota"):
-        return  # those rules still hold for this member by design
     await c.slash("imagine", {"prompt": "still fine", "steps": 1})
     await c.wait_for_message(
         lambda m: "still fine" in m["content"] and bool(m["attachments"]), timeout=60
     )
-
-
-def test_the_corpus_is_large_enough() -> None:
-    assert len(CASES) >= 40

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bot.blocklist import check_entry, find_blocked, first_blocked
+from bot.blocklist import check_entry, find_blocked, first_blocked, normalize
 from bot.errors import InvalidRequest
 from bot.jobs import MAX_PROMPT_CHARS
 
@@ -32,6 +32,24 @@ def test_an_invalid_or_oversized_entry_is_refused() -> None:
         check_entry("x" * 201)
     with pytest.raises(InvalidRequest, match="empty"):
         check_entry("re:")
+
+
+def test_normalize_folds_case_accents_and_width() -> None:
+    assert normalize("Ñaïve ＤＲＡＧÓＮ") == "naive dragon"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "entries", "hit"),
+    [
+        ("a DRAGÓN", ["dragon"], "dragon"),
+        ("dragonfly", ["dragon"], None),
+        ("big red car", ["red car"], "red car"),
+        ("gore-fest", ["re:gor+e"], "re:gor+e"),
+        ("anything", ["re:[", "thing"], None),  # a broken stored regex never matches nor crashes
+    ],
+)
+def test_first_blocked(prompt: str, entries: list[str], hit: str | None) -> None:
+    assert first_blocked([prompt], entries) == hit
 
 
 def test_words_match_whole_words_ignoring_case_and_accents() -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import logging
 import sqlite3
+import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +16,7 @@ import pytest
 from PIL import Image
 
 from bench.harness import Harness
+from bot import blocklist
 from bot.charts import COLORS
 from bot.discord_front import policy
 from bot.localdiscord.client import ControlClient, ControlError
@@ -193,3 +199,163 @@ async def test_stats_draws_a_real_chart_from_the_rows(harness: Harness) -> None:
     colours_last = {chart.getpixel((x, 300)) for x in range(700, 784)}
     colours_first = {chart.getpixel((x, 300)) for x in range(48, 140)}
     assert COLORS["txt2img"] in colours_last and COLORS["txt2img"] not in colours_first
+
+
+# Backtracks exponentially: `re` needs seconds for 35 characters, the `regex` package minutes.
+SLOW_ENTRY = "re:(a|aa)+$"
+SLOW_PROMPT = "a" * 35 + "!"
+
+
+async def store_unchecked(h: Harness, entry: str) -> None:
+    """Store a blocklist entry the way an older version did: without probing it."""
+    guild_id = int((await h.control.world())["guild_id"])
+    admin_id = await h.control.admin_id()
+    await h.bot.services.guild_configs.add("blocked_words", "pattern", guild_id, entry, by=admin_id)
+
+
+@contextlib.asynccontextmanager
+async def loop_gaps() -> AsyncIterator[list[float]]:
+    """Gaps between ticks of the one event loop the bot, the local server and the test share:
+    a bot frozen by a pattern shows as a gap as long as the match."""
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(tick())
+    try:
+        yield gaps
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_backtracking_pattern_is_refused_when_added(harness: Harness) -> None:
+    c = harness.control
+    msg = await admin(c, "config blocklist add", {"pattern": SLOW_ENTRY})
+    assert msg["flags"] & 64 and "too slow" in msg["content"] and "`re:a+b`" in msg["content"]
+    msg = await admin(c, "config blocklist add", {"pattern": "re:(unclosed"})
+    assert msg["flags"] & 64 and "regular expression is invalid" in msg["content"]
+    assert rows(harness, "blocked_words") == [] and rows(harness, "audit_log") == []
+    msg = await admin(c, "config blocklist add", {"pattern": "re:\\bcats?\\b"})
+    assert msg["content"] == "✅ Blocking `re:\\bcats?\\b`."
+    assert [r["pattern"] for r in rows(harness, "blocked_words")] == ["re:\\bcats?\\b"]
+
+
+async def reply_within(
+    c: ControlClient, sent: dict[str, Any], user_id: int, timeout: float
+) -> dict[str, Any] | None:
+    """The reply to `sent`, or None: a bot frozen past Discord's 3 s window never answers."""
+    try:
+        return await c.wait_for_message(
+            lambda m: m.get("interaction_metadata", {}).get("id") == sent["interaction"]["id"],
+            viewer=user_id,
+            timeout=timeout,
+        )
+    except TimeoutError:
+        return None
+
+
+async def test_a_slow_stored_pattern_refuses_quickly_without_freezing_the_bot(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=blocklist.__name__)
+    c = harness.control
+    member = await c.member_id()
+    await store_unchecked(harness, SLOW_ENTRY)
+    async with loop_gaps() as gaps:
+        started = time.monotonic()
+        sent = await c.slash("imagine", {"prompt": SLOW_PROMPT, "steps": 1})
+        msg = await reply_within(c, sent, member, timeout=10)
+        took = time.monotonic() - started
+    assert max(gaps) < 1.0, f"the event loop stalled for {max(gaps):.1f}s"
+    assert msg is not None and refused(msg) and "this server blocks" in msg["content"]
+    assert took < 1.5, f"refused after {took:.1f}s"
+    assert [r["reason"] for r in rows(harness)] == ["blocked_word"]
+    # Refused because the match ran out of time (a timeout counts as blocked), not a match.
+    assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
+async def test_other_members_are_answered_while_a_slow_pattern_is_matched(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A longer deadline keeps the match running long enough to watch the bot meanwhile (and
+    # short of Discord's 3 s window, or the refusal would come too late to be delivered).
+    monkeypatch.setattr(blocklist, "MATCH_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(blocklist, "REQUEST_BUDGET_S", 1.0)
+    c = harness.control
+    await store_unchecked(harness, SLOW_ENTRY)
+    other = await c.add_user("other")
+    member = await c.member_id()
+    async with loop_gaps() as gaps:
+        slow = await c.slash("imagine", {"prompt": SLOW_PROMPT, "steps": 1}, wait=False)
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        queue = await c.slash("queue", user_id=other)
+        acked = time.monotonic() - started
+        meanwhile = await c.interaction(slow["interaction"]["id"])
+        msg = await reply_within(c, slow, member, timeout=10)
+    assert max(gaps) < 1.0, f"the event loop stalled for {max(gaps):.1f}s"
+    assert queue["response"] is not None and acked < 1.0, f"acknowledged after {acked:.1f}s"
+    assert meanwhile["callback_type"] is None, "the slow prompt was answered before the other"
+    assert msg is not None and refused(msg) and "this server blocks" in msg["content"]
+    assert [r["reason"] for r in rows(harness)] == ["blocked_word"]
+
+
+async def test_reset_puts_a_setting_back_to_its_default(harness: Harness) -> None:
+    c = harness.control
+    await admin(c, "config set", {"key": "max_steps", "value": "2"})
+    assert refused(await imagine(c, steps=3))
+    msg = await admin(c, "config reset", {"key": "max_steps"})
+    assert msg["flags"] & 64 and msg["content"] == "↩️ `max_steps` is back to **150**."
+    assert rows(harness, "guild_settings") == []
+    audit = [(a["action"], a["key"], a["old"], a["new"]) for a in rows(harness, "audit_log")]
+    assert audit == [("set", "max_steps", None, "2"), ("reset", "max_steps", "2", None)]
+    assert not refused(await imagine(c, steps=3))
+    assert "· `max_steps` = **150**" in (await admin(c, "config show"))["content"]
+
+
+async def test_channels_list_shows_the_allow_list(harness: Harness) -> None:
+    c = harness.control
+    general, art = (int(ch["id"]) for ch in (await c.world())["channels"])
+    msg = await admin(c, "config channels list")
+    assert msg["flags"] & 64 and msg["content"] == "All channels (the list is empty)."
+    await admin(c, "config channels add", {"channel": art})
+    await admin(c, "config channels add", {"channel": general})
+    listed = (await admin(c, "config channels list"))["content"].split(", ")
+    assert sorted(listed) == sorted([f"<#{art}>", f"<#{general}>"])
+    await admin(c, "config channels remove", {"channel": general})
+    assert (await admin(c, "config channels list"))["content"] == f"<#{art}>"
+
+
+async def test_blocklist_list_and_remove(harness: Harness) -> None:
+    c = harness.control
+    msg = await admin(c, "config blocklist list")
+    assert msg["flags"] & 64 and msg["content"] == "Nothing is blocked."
+    await admin(c, "config blocklist add", {"pattern": "dragon"})
+    await admin(c, "config blocklist add", {"pattern": "re:^cats?"})
+    listed = await admin(c, "config blocklist list")
+    assert listed["flags"] & 64 and listed["content"] == "• `dragon`\n• `re:^cats?`"
+    assert refused(await imagine(c, "a dragon"))
+
+    msg = await admin(c, "config blocklist remove", {"pattern": "dragon"})
+    assert msg["flags"] & 64 and msg["content"] == "✅ `dragon` is allowed again."
+    assert [r["pattern"] for r in rows(harness, "blocked_words")] == ["re:^cats?"]
+    removal = rows(harness, "audit_log")[-1]
+    assert (removal["action"], removal["old"]) == ("remove:blocked_words", "dragon")
+    assert not refused(await imagine(c, "a dragon"))
+    assert refused(await imagine(c, "cats at night"))
+
+    msg = await admin(c, "config blocklist remove", {"pattern": "dragon"})
+    assert msg["content"] == "`dragon` was not blocked."
+    assert (await admin(c, "config blocklist list"))["content"] == "• `re:^cats?`"
+    assert [r["reason"] for r in rows(harness) if r["status"] == "rejected"] == [
+        "blocked_word",
+        "blocked_word",
+    ]

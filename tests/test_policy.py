@@ -1,28 +1,71 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any, cast
+from unittest.mock import AsyncMock
+
+import discord
 import pytest
 
-from bot.discord_front.policy import Refused, blocked_match, check_limits, normalize
+from bot.discord_front import policy
+from bot.discord_front.policy import Refused, check_access, check_limits, check_prompt_lengths
+from bot.discord_front.services import Services
+from bot.errors import InvalidRequest
 from bot.guild_config import SPECS, GuildConfig
-from bot.jobs import GenerationRequest
+from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
 
 
-def test_normalize_folds_case_accents_and_width() -> None:
-    assert normalize("Ñaïve ＤＲＡＧÓＮ") == "naive dragon"
+def test_the_blocklist_has_one_matcher() -> None:
+    # The old synchronous, deadline-free matcher must not come back beside bot.blocklist's.
+    assert not hasattr(policy, "blocked_match") and not hasattr(policy, "normalize")
 
 
-@pytest.mark.parametrize(
-    ("prompt", "patterns", "hit"),
-    [
-        ("a DRAGÓN", ("dragon",), "dragon"),
-        ("dragonfly", ("dragon",), None),
-        ("big red car", ("red car",), "red car"),
-        ("gore-fest", ("re:gor+e",), "re:gor+e"),
-        ("anything", ("re:[",), None),  # a broken regex never matches nor crashes
-    ],
-)
-def test_blocked_match(prompt: str, patterns: tuple[str, ...], hit: str | None) -> None:
-    assert blocked_match(prompt, patterns) == hit
+def test_prompt_lengths_are_checked_naming_which_text() -> None:
+    ok = "p" * MAX_PROMPT_CHARS
+    assert check_prompt_lengths({"prompt": ok, "negative_prompt": None}) == [ok, ""]
+    with pytest.raises(InvalidRequest, match=f"The prompt is 1001 characters.*{MAX_PROMPT_CHARS}"):
+        check_prompt_lengths({"prompt": ok + "p"})
+    with pytest.raises(InvalidRequest, match="The negative prompt is 3000 characters") as info:
+        check_prompt_lengths({"prompt": "p", "negative_prompt": "n" * 3000})
+    assert info.value.reason == "invalid"
+
+
+def access_fakes(blocked: tuple[str, ...]) -> tuple[Services, discord.Interaction]:
+    """Just what check_access reads: a server with these blocklist entries, a plain member."""
+    config = GuildConfig(1, {k: s.default for k, s in SPECS.items()}, (), blocked)
+    svc = SimpleNamespace(
+        guild_configs=SimpleNamespace(get=AsyncMock(return_value=config)),
+        db=SimpleNamespace(ban_reason=AsyncMock(return_value=None)),
+    )
+    interaction = SimpleNamespace(
+        guild_id=1,
+        channel=None,
+        channel_id=2,
+        user=SimpleNamespace(id=3),
+        permissions=discord.Permissions.none(),
+    )
+    return cast(Services, svc), cast(discord.Interaction, interaction)
+
+
+async def test_lengths_are_checked_before_the_blocklist_sees_a_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def must_not_match(texts: Sequence[str], entries: Sequence[str]) -> str | None:
+        raise AssertionError("an over-long text reached the blocklist")
+
+    monkeypatch.setattr(policy, "find_blocked", must_not_match)
+    svc, interaction = access_fakes(("re:(a|aa)+$",))
+    params: dict[str, Any] = {"prompt": "a fox", "negative_prompt": "a" * MAX_PROMPT_CHARS + "!"}
+    with pytest.raises(InvalidRequest, match="The negative prompt is 1001 characters"):
+        await check_access(svc, interaction, params)
+
+
+async def test_a_slow_entry_counts_as_blocked() -> None:
+    svc, interaction = access_fakes(("re:(a|aa)+$",))
+    with pytest.raises(Refused, match="this server blocks") as info:
+        await check_access(svc, interaction, {"prompt": "a" * 35 + "!"})
+    assert info.value.reason == "blocked_word"
 
 
 def test_limits() -> None:

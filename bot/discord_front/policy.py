@@ -1,20 +1,20 @@
-"""Server rules, enforced in one place before a job is queued: channel, ban, blocked words,
-model and size limits, cooldown and daily quota. A refusal says why and, when it applies,
-when the member can try again."""
+"""Server rules, enforced in one place before a job is queued: channel, ban, prompt length,
+blocked words, model and size limits, cooldown and daily quota. A refusal says why and, when
+it applies, when the member can try again."""
 
 from __future__ import annotations
 
-import re
-import unicodedata
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import discord
 
+from bot.blocklist import find_blocked
 from bot.discord_front.services import Services
-from bot.errors import SdbotError
+from bot.errors import InvalidRequest, SdbotError
 from bot.guild_config import GuildConfig
-from bot.jobs import GenerationRequest
+from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
 
 
 class Refused(SdbotError):
@@ -28,28 +28,6 @@ class Refused(SdbotError):
 def utcnow() -> datetime:
     """Now, as an aware datetime; one name so tests can move the clock of every rule."""
     return datetime.now(UTC)
-
-
-def normalize(text: str) -> str:
-    """Case- and accent-insensitive form: 'Ñaïve' and 'naive' compare equal."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
-
-
-def blocked_match(prompt: str, patterns: tuple[str, ...]) -> str | None:
-    """The first pattern the prompt hits: plain entries match whole words or phrases,
-    entries starting with `re:` are regular expressions."""
-    text = normalize(prompt)
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            try:
-                if re.search(pattern[3:], text, re.IGNORECASE):
-                    return pattern
-            except re.error:
-                continue
-        elif re.search(rf"(?<!\w){re.escape(normalize(pattern))}(?!\w)", text):
-            return pattern
-    return None
 
 
 def manages_guild(interaction: discord.Interaction) -> bool:
@@ -78,6 +56,25 @@ def _in_words(delta: timedelta) -> str:
     return f"{minutes}m {secs}s" if minutes else f"{secs}s"
 
 
+def check_prompt_lengths(params: Mapping[str, Any], *, source: str = "") -> list[str]:
+    """The prompt and negative prompt, refused when longer than a request may be; `source`
+    says where they came from when the member did not type them (" stored in that image").
+
+    Checked here, whoever calls check_access, before the blocklist sees them: the time a
+    pattern takes grows with the text, and the request would be refused for its length anyway.
+    """
+    texts: list[str] = []
+    for key, name in (("prompt", "prompt"), ("negative_prompt", "negative prompt")):
+        text = str(params.get(key) or "")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(
+                f"The {name}{source} is {len(text)} characters long; "
+                f"the limit is {MAX_PROMPT_CHARS}."
+            )
+        texts.append(text)
+    return texts
+
+
 async def check_access(
     svc: Services, interaction: discord.Interaction, params: dict[str, Any]
 ) -> GuildConfig:
@@ -100,11 +97,9 @@ async def check_access(
         raise Refused(
             "banned", "You can't use sdbot in this server" + (f": {reason}" if reason else ".")
         )
-    for text in (params.get("prompt") or "", params.get("negative_prompt") or ""):
-        if blocked_match(str(text), config.blocked):
-            raise Refused(
-                "blocked_word", "Your prompt contains a word or phrase this server blocks."
-            )
+    texts = check_prompt_lengths(params)
+    if await find_blocked(texts, config.blocked):
+        raise Refused("blocked_word", "Your prompt contains a word or phrase this server blocks.")
     model = params.get("model")
     if config.allowed_models and model not in config.allowed_models:
         raise Refused(
