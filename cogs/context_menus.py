@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import discord
@@ -9,13 +10,19 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import imaging, jobs
-from bot.discord_front.intake import input_loader
-from bot.discord_front.replies import report
+from bot.discord_front.intake import (
+    check_text_limits,
+    download,
+    input_loader,
+    recording_refusals,
+)
+from bot.discord_front.replies import echo, fit, report
 from bot.discord_front.services import Services, services
 from bot.discord_front.ui import start_job
 from bot.errors import InvalidRequest
 
 VARY_STRENGTH = 0.55
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def first_image(message: discord.Message) -> discord.Attachment:
@@ -25,16 +32,27 @@ def first_image(message: discord.Message) -> discord.Attachment:
     raise InvalidRequest("That message has no image attached.")
 
 
+def parameters_in(data: bytes) -> dict[str, str]:
+    """The generation parameters a PNG carries; {} for any other file, or a broken one.
+    CPU work on member-supplied bytes: run it in a thread, never on the event loop."""
+    if not data.startswith(PNG_SIGNATURE):
+        return {}
+    try:
+        text = imaging.read_parameters(data)
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return {}  # Pillow's ways of saying the PNG is broken: it carries nothing readable
+    return imaging.parse_parameters(text) if text else {}
+
+
 async def stored_parameters(svc: Services, attachment: discord.Attachment) -> dict[str, str]:
     """The image's own generation parameters when it is a PNG that carries them."""
     if attachment.content_type != "image/png":
         return {}
-    async with svc.http.get(attachment.url) as resp:
-        if resp.status != 200:
-            return {}
-        data = await resp.content.read(int(svc.settings.max_attachment_mb * 1024 * 1024))
-    text = imaging.read_parameters(data) if data.startswith(b"\x89PNG") else None
-    return imaging.parse_parameters(text) if text else {}
+    try:
+        data = await download(svc, attachment.url)
+    except InvalidRequest:
+        return {}  # unreadable here; the job that uses the image will say why
+    return await asyncio.to_thread(parameters_in, data)
 
 
 class ContextMenus(commands.Cog):
@@ -93,6 +111,10 @@ class ContextMenus(commands.Cog):
             mode="img2img",
             strength=VARY_STRENGTH,
         )
+        # The prompt is the image's or the message's, not typed here: say so if it is too long.
+        source = " stored in that image" if found.get("prompt") else " taken from that message"
+        async with recording_refusals(interaction, "vary", params):
+            check_text_limits(params, source=source)
         await self._start(interaction, attachment, params, "vary")
 
     async def edit(self, interaction: discord.Interaction, message: discord.Message) -> None:
@@ -111,19 +133,24 @@ class ContextMenus(commands.Cog):
         attachment = first_image(message)
         found = await stored_parameters(services(interaction), attachment)
         if not found:
-            raise InvalidRequest(f"`{attachment.filename}` carries no generation parameters.")
+            name = echo(attachment.filename, 100)
+            raise InvalidRequest(f"`{name}` carries no generation parameters.")
         reply = format_parameters_reply(attachment.filename, found)
         await interaction.response.send_message(reply, ephemeral=True)
 
 
 def format_parameters_reply(filename: str, found: dict[str, str]) -> str:
-    lines = [f"**Parameters of `{filename}`**", f"**Prompt:** {found.get('prompt', '')[:1500]}"]
+    """Everything in it came with the image, so all of it is quoted as member text."""
+    lines = [
+        f"**Parameters of `{echo(filename, 100)}`**",
+        f"**Prompt:** {echo(found.get('prompt', ''), 1000)}",
+    ]
     if found.get("negative_prompt"):
-        lines.append(f"**Negative prompt:** {found['negative_prompt'][:1000]}")
-    rest = {k: v for k, v in found.items() if k not in ("prompt", "negative_prompt")}
+        lines.append(f"**Negative prompt:** {echo(found['negative_prompt'], 500)}")
+    rest = [(k, v) for k, v in found.items() if k not in ("prompt", "negative_prompt")]
     if rest:
-        lines.append(" · ".join(f"{k}: {v}" for k, v in rest.items()))
-    return "\n".join(lines)[:2000]
+        lines.append(" · ".join(f"{echo(k, 40)}: {echo(v, 100)}" for k, v in rest[:40]))
+    return fit("\n".join(lines))
 
 
 class PromptModal(discord.ui.Modal):

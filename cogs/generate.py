@@ -9,7 +9,12 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import jobs
-from bot.discord_front.intake import check_attachment, input_loader, recording_refusals
+from bot.discord_front.intake import (
+    check_attachment,
+    check_text_limits,
+    input_loader,
+    recording_refusals,
+)
 from bot.discord_front.options import DESCRIBE, DESCRIBE_EDIT, image_option_autocomplete
 from bot.discord_front.services import services
 from bot.discord_front.ui import start_job
@@ -55,6 +60,7 @@ class Generate(commands.Cog):
         }  # fmt: skip
         svc = services(interaction)
         async with recording_refusals(interaction, command, given):
+            check_text_limits(given)  # first: a modified client can send any length
             for what, attachment in (attachments or {}).items():
                 check_attachment(svc, attachment, what)
             defaults = await svc.defaults_for(interaction.guild_id)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import imaging
-from bot.db import Database
-from bot.discord_front.intake import check_attachment
+from bot.discord_front.intake import check_attachment, download
 from bot.discord_front.policy import can_moderate, manages_messages
-from bot.discord_front.replies import short
-from bot.discord_front.services import services
+from bot.discord_front.replies import echo, fit, short
+from bot.discord_front.services import NoSuchJob, job_here, services
 from bot.errors import InvalidRequest
-from cogs.context_menus import format_parameters_reply
+from cogs.context_menus import format_parameters_reply, parameters_in
 
 STATUS_ICONS = {
     "queued": "⏳", "running": "🎨", "finished": "✅", "failed": "❌",
@@ -34,7 +32,8 @@ class Info(commands.Cog):
     async def queue(self, interaction: discord.Interaction) -> None:
         svc = services(interaction)
         status = svc.backend.status()
-        mine = await _active_jobs_of(svc.db, interaction.user.id)
+        mine = await svc.db.jobs_of(interaction.user.id, interaction.guild_id, active=True)
+        mine.reverse()  # oldest first, as they run
         lines = [f"**Queue:** {status.queue_length} waiting · {len(status.running)} running"]
         positions = svc.backend.positions()
         for row in mine:
@@ -44,10 +43,10 @@ class Info(commands.Cog):
                 else f"#{positions.get(row['id'], '?')} in line"
             )
             icon = STATUS_ICONS[row["status"]]
-            lines.append(f"{icon} job #{row['id']} — {short(row['prompt'], 60)} — {where}")
+            lines.append(f"{icon} job #{row['id']} — {echo(row['prompt'], 60)} — {where}")
         if not mine:
-            lines.append("You have no jobs waiting.")
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+            lines.append("You have no jobs waiting here.")
+        await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)
 
     @app_commands.command(
         name="cancel", description="Cancel your latest waiting or running job, or one by number"
@@ -56,15 +55,16 @@ class Info(commands.Cog):
     async def cancel(self, interaction: discord.Interaction, job: int | None = None) -> None:
         svc = services(interaction)
         if job is None:
-            mine = await _active_jobs_of(svc.db, interaction.user.id)
+            mine = await svc.db.jobs_of(
+                interaction.user.id, interaction.guild_id, active=True, limit=1
+            )
             if not mine:
-                raise InvalidRequest("You have no jobs waiting or running.")
-            job = int(mine[-1]["id"])
-        row = await svc.db.get_job(job)
-        if row is None:
-            raise InvalidRequest(f"There is no job #{job}.")
+                raise InvalidRequest("You have no jobs waiting or running here.")
+            job = int(mine[0]["id"])
+        row = await job_here(interaction, job)
+        # Another member's job answers as a missing one: ids are not for probing.
         if not can_moderate(interaction, row["user_id"]):
-            raise InvalidRequest("You can only cancel your own jobs.")
+            raise NoSuchJob(job)
         if not await svc.backend.cancel(job):
             raise InvalidRequest(f"Job #{job} is already {row['status']}.")
         await interaction.response.send_message(f"✖️ Cancelling job #{job}.", ephemeral=True)
@@ -77,9 +77,7 @@ class Info(commands.Cog):
         target = user or interaction.user
         if target.id != interaction.user.id and not manages_messages(interaction):
             raise InvalidRequest("Only moderators can see other members' history.")
-        rows = await services(interaction).db.list_jobs(
-            user_id=target.id, guild_id=interaction.guild_id, limit=10
-        )
+        rows = await services(interaction).db.jobs_of(target.id, interaction.guild_id, limit=10)
         if not rows:
             await interaction.response.send_message(
                 f"No jobs for {target.mention} yet.", ephemeral=True
@@ -90,15 +88,15 @@ class Info(commands.Cog):
             link = jump_url(row["guild_id"], row["channel_id"], row["message_id"])
             where = f" — [result]({link})" if link and row["status"] == "finished" else ""
             why = (
-                f" — {short(row['error'], 60)}"
+                f" — {echo(row['error'], 60)}"
                 if row["error"] and row["status"] != "finished"
                 else ""
             )
             lines.append(
                 f"{STATUS_ICONS.get(row['status'], '•')} #{row['id']} {row['command']} "
-                f"“{short(row['prompt'], 50)}” seed {row['seed']}{where}{why}"
+                f"“{echo(row['prompt'], 50)}” seed {row['seed']}{where}{why}"
             )
-        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
+        await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)
 
     @app_commands.command(name="models", description="The models this server can use")
     async def models(self, interaction: discord.Interaction) -> None:
@@ -114,7 +112,7 @@ class Info(commands.Cog):
                 f"{mark} **{entry.name}** — {entry.native_size}px · {entry.size} · "
                 f"speed {entry.speed} · quality {entry.quality}\n   {short(entry.description, 120)}"
             )
-        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
+        await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)
 
     @app_commands.command(
         name="pnginfo", description="Read the generation parameters stored in a PNG"
@@ -123,18 +121,15 @@ class Info(commands.Cog):
         image="A PNG made by sdbot, AUTOMATIC1111 or another tool that stores them"
     )
     async def pnginfo(self, interaction: discord.Interaction, image: discord.Attachment) -> None:
-        check_attachment(services(interaction), image, "image")
-        data = await image.read()
-        text = imaging.read_parameters(data) if data.startswith(b"\x89PNG") else None
-        if not text:
-            raise InvalidRequest(f"`{image.filename}` carries no generation parameters.")
-        reply = format_parameters_reply(image.filename, imaging.parse_parameters(text))
+        svc = services(interaction)
+        check_attachment(svc, image, "image")
+        data = await download(svc, image.url)
+        # Parsing member-supplied PNG text is CPU work: never on the event loop.
+        found = await asyncio.to_thread(parameters_in, data)
+        if not found:
+            raise InvalidRequest(f"`{echo(image.filename, 100)}` carries no generation parameters.")
+        reply = format_parameters_reply(image.filename, found)
         await interaction.response.send_message(reply, ephemeral=True)
-
-
-async def _active_jobs_of(db: Database, user_id: int) -> list[Any]:
-    """One member's queued and running jobs, oldest first."""
-    return [row for row in await db.active_jobs() if row["user_id"] == user_id]
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from bench.harness import Harness, running_bot
+from bot.backend import JobOrigin
 from bot.engine import Engine
 from bot.imaging import read_parameters
 from bot.localdiscord.client import ControlClient
@@ -158,6 +159,46 @@ async def test_buttons_work_after_the_bot_restarts(settings: Settings, engine: E
             assert [r["command"] for r in rows(after)] == ["imagine", "reroll"]
     finally:
         await server.close()
+
+
+async def stored_job(h: Harness, status: str, **params: Any) -> int:
+    """A job row of the member's in this server, as an older bot version left it."""
+    c = h.control
+    origin = JobOrigin(await c.member_id(), "member", int((await c.world())["guild_id"]),
+                       await c.default_channel(), "imagine")  # fmt: skip
+    values = {"prompt": "again", "model": "tiny", "width": 64, "height": 64, "steps": 1,
+              "guidance": 7.0, "seed": 1, "mode": "txt2img", "scheduler": "default",
+              "count": 1, "loras": [], **params}  # fmt: skip
+    db = h.bot.services.db
+    if status == "rejected":
+        return await db.record_rejected(origin, values, "cooldown", "Slow down a little.")
+    job_id = await db.create_job(origin, values)
+    await db.mark_done(job_id, status)
+    return job_id
+
+
+async def click_reroll(c: ControlClient, job_id: int) -> str:
+    """Reroll on a result message that carries the job's button; the ephemeral answer."""
+    custom_id = f"sdbot:reroll:{job_id}"
+    planted = await c.post_message("old result", buttons=[custom_id], as_bot=True)
+    click = await c.click(planted["id"], custom_id)
+    return str(
+        (await ephemeral_reply(c, click["interaction"]["id"], await c.member_id()))["content"]
+    )
+
+
+async def test_a_refused_request_is_never_run_again_by_a_button(harness: Harness) -> None:
+    refused = await stored_job(harness, "rejected")
+    assert "was refused" in await click_reroll(harness.control, refused)
+    await asyncio.sleep(0.3)
+    assert [r["status"] for r in rows(harness)] == ["rejected"]
+
+
+async def test_a_rerun_rechecks_that_the_model_is_still_offered(harness: Harness) -> None:
+    retired = await stored_job(harness, "finished", model="owner/retired-model")
+    assert "no longer available" in await click_reroll(harness.control, retired)
+    await asyncio.sleep(0.3)
+    assert [(r["status"], r["reason"]) for r in rows(harness)[1:]] == [("rejected", "invalid")]
 
 
 # -- progress, cancel ---------------------------------------------------------------------------

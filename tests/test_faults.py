@@ -88,9 +88,18 @@ async def test_discord_500_and_429_on_followups_and_edits_are_retried(harness: H
 
 async def test_a_gateway_disconnect_during_a_job_resumes(harness: Harness) -> None:
     c = harness.control
+    db_path = harness.settings.db_path
     await c.slash("imagine", {"prompt": "through the storm", "steps": 60, "size": "192x192"})
+    # Drop the connection only once the job runs, so the drop really is in the middle of it.
+    for _ in range(600):
+        if statuses(db_path) == [("through the storm", "running", None)]:
+            break
+        await asyncio.sleep(0.05)
+    assert statuses(db_path) == [("through the storm", "running", None)]
     assert await c.disconnect_gateway() == 1
+    assert statuses(db_path)[0][1] == "running", "the job was still running at the drop"
     await result(c, "through the storm", timeout=90)
+    assert statuses(db_path) == [("through the storm", "finished", None)]
     # The same session resumed (no new IDENTIFY), and commands keep arriving over it.
     for _ in range(200):
         if harness.server.bot_connected:

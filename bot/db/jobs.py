@@ -12,6 +12,30 @@ import aiosqlite
 
 from bot.backend import JobOrigin
 from bot.db.connection import FINAL_STATUSES, BaseDatabase, parse_stamp, utc_stamp
+from bot.jobs import MAX_PROMPT_CHARS
+
+#: A refused request is stored as it came, so it is bounded here: it was never validated.
+MAX_STORED_TEXT = MAX_PROMPT_CHARS
+MAX_STORED_KEYS = 32
+MAX_STORED_ERROR = 2000
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bounded_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters of a refused request, cut to a bounded size: strings and keys clipped,
+    other values kept when their JSON is short, else stored as clipped JSON text."""
+    out: dict[str, Any] = {}
+    for key, value in list(params.items())[:MAX_STORED_KEYS]:
+        if isinstance(value, str):
+            value = clip(value, MAX_STORED_TEXT)
+        elif not (value is None or isinstance(value, (bool, int, float))):
+            text = json.dumps(value, default=str)
+            value = value if len(text) <= MAX_STORED_TEXT else clip(text, MAX_STORED_TEXT)
+        out[clip(str(key), 64)] = value
+    return out
 
 
 class JobsMixin(BaseDatabase):
@@ -65,7 +89,13 @@ class JobsMixin(BaseDatabase):
     async def record_rejected(
         self, origin: JobOrigin, params: Mapping[str, Any], reason: str, error: str
     ) -> int:
-        return await self.create_job(origin, params, status="rejected", reason=reason, error=error)
+        return await self.create_job(
+            origin,
+            bounded_params(params),
+            status="rejected",
+            reason=clip(str(reason), 64),
+            error=clip(str(error), MAX_STORED_ERROR),
+        )
 
     async def mark_running(self, job_id: int) -> None:
         await self.conn.execute(
@@ -147,8 +177,36 @@ class JobsMixin(BaseDatabase):
         await self.conn.commit()
 
     async def get_job(self, job_id: int) -> aiosqlite.Row | None:
+        """Any job row by id: for the executor and admin tools. What members name by id is
+        looked up with `get_job_in`."""
         async with self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)) as cur:
             return await cur.fetchone()
+
+    async def get_job_in(
+        self, job_id: int, *, guild_id: int | None, user_id: int
+    ) -> aiosqlite.Row | None:
+        """A job row as seen from one server: one of `guild_id`'s jobs, or in DMs
+        (`guild_id` None) one of `user_id`'s own DM jobs; None for any other id."""
+        if guild_id is not None:
+            sql, args = "SELECT * FROM jobs WHERE id=? AND guild_id=?", (job_id, guild_id)
+        else:
+            sql = "SELECT * FROM jobs WHERE id=? AND guild_id IS NULL AND user_id=?"
+            args = (job_id, user_id)
+        async with self.conn.execute(sql, args) as cur:
+            return await cur.fetchone()
+
+    async def jobs_of(
+        self, user_id: int, guild_id: int | None, *, active: bool = False, limit: int = 50
+    ) -> list[aiosqlite.Row]:
+        """One member's jobs in one server (`guild_id` None: their DM jobs only), newest
+        first; with `active`, only the queued and running ones."""
+        sql = "SELECT * FROM jobs WHERE user_id=? AND guild_id IS ?"
+        if active:
+            sql += " AND status IN ('queued', 'running')"
+        async with self.conn.execute(
+            f"{sql} ORDER BY id DESC LIMIT ?", (user_id, guild_id, limit)
+        ) as cur:
+            return list(await cur.fetchall())
 
     async def list_jobs(
         self, *, user_id: int | None = None, guild_id: int | None = None, limit: int = 50

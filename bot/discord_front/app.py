@@ -19,10 +19,11 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_front.replies import report, short
+from bot.discord_front.replies import echo, fit, owner_only, report
 from bot.discord_front.services import Services
 from bot.discord_front.ui import rerun_view
 from bot.errors import InvalidRequest, SettingsError
+from bot.settings import is_loopback_url
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,65 @@ EXTENSIONS = (
 DISCORD_API = "https://discord.com/api/v10"
 DISCORD_GATEWAY = yarl.URL("wss://gateway.discord.gg/")
 
+#: discord.py loggers whose DEBUG lines carry secrets: request URLs with interaction tokens
+#: (webhook followups, edits and callbacks; REST calls) and gateway payloads, whose
+#: INTERACTION_CREATE events include the token. Filters do not pass to child loggers, so
+#: these are the loggers that write the lines.
+SECRET_LOGGERS = (
+    "discord.http",
+    "discord.webhook.async_",
+    "discord.webhook.sync",
+    "discord.gateway",
+)
 
-async def configure_api_base(base: str | None) -> None:
+
+class _InfoAndAbove(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.INFO
+
+
+def quiet_secret_loggers() -> None:
+    """Keep SECRET_LOGGERS at INFO or above even when the bot logs at DEBUG.
+
+    A filter, so a later change of levels (a DEBUG root logger, a test's) cannot bring their
+    DEBUG lines back; their level is raised too, so those lines are not even formatted.
+    Never makes them louder than configured. Safe to call more than once.
+    """
+    for name in SECRET_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _InfoAndAbove) for f in logger.filters):
+            logger.addFilter(_InfoAndAbove())
+        if logger.getEffectiveLevel() < logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+def check_gateway_url(gateway: str, *, real_token: bool) -> yarl.URL:
+    """The gateway URL a server named, if the bot may send its token there.
+
+    IDENTIFY carries the token, so a real one goes only over TLS, or to this machine.
+    """
+    shown = repr(gateway[:200])
+    try:
+        url = yarl.URL(gateway)
+    except (TypeError, ValueError):
+        url = yarl.URL()
+    if url.scheme not in ("ws", "wss") or not url.host:
+        raise SettingsError(f"the gateway URL {shown} is not a ws:// or wss:// URL")
+    if real_token and url.scheme == "ws" and not is_loopback_url(gateway):
+        raise SettingsError(
+            f"the gateway URL {shown} is plain ws:// to another machine; with a real "
+            "DISCORD_TOKEN only wss:// (or ws:// to 127.0.0.1, ::1, localhost) is allowed"
+        )
+    return url
+
+
+async def configure_api_base(base: str | None, *, real_token: bool = True) -> None:
     """Point discord.py at a Discord-compatible server; unset means discord.com.
 
     REST lives under `{base}/api/v10`; the gateway URL is whatever that server's
     `GET /gateway` answers (discord.py's non-sharded client otherwise dials Discord's own).
+    Pass `real_token=False` only for a throwaway token (the playground's own server): then a
+    plain ws:// gateway on another machine is accepted too.
     """
     if not base:
         discord.http.Route.BASE = DISCORD_API
@@ -57,12 +111,13 @@ async def configure_api_base(base: str | None) -> None:
         ):
             resp.raise_for_status()
             gateway = (await resp.json(content_type=None))["url"]
-    except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+    except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError) as exc:
         raise SettingsError(
             f"DISCORD_API_BASE {base} did not answer GET /api/v10/gateway ({exc})"
         ) from None
+    url = check_gateway_url(str(gateway), real_token=real_token)
     discord.http.Route.BASE = api
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway)
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = url
 
 
 class SdTree(app_commands.CommandTree[commands.Bot]):
@@ -87,10 +142,13 @@ class SdBot(commands.Bot):
             command_prefix=commands.when_mentioned,
             intents=discord.Intents.default(),
             help_command=None,
-            allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
+            # Nobody by default: a message that mentions the job's owner allows exactly them
+            # (replies.owner_only), so a `<@id>` quoted from a prompt pings no one.
+            allowed_mentions=discord.AllowedMentions.none(),
             tree_cls=SdTree,
             **options,
         )
+        quiet_secret_loggers()
         self.services = services
         # Job rows a crash left unfinished, told to their owners once connected.
         self.interrupted = list(interrupted)
@@ -122,13 +180,15 @@ class SdBot(commands.Bot):
         for row in rows:
             if not row["channel_id"]:
                 continue
-            text = (
+            text = fit(
                 f"<@{row['user_id']}> sdbot restarted before job #{row['id']} "
-                f"(“{short(row['prompt'], 80)}”) finished, so it was not run."
+                f"(“{echo(row['prompt'], 80)}”) finished, so it was not run."
             )
             channel = self.get_partial_messageable(row["channel_id"])
             try:
-                await channel.send(text, view=rerun_view(row["id"]))
+                await channel.send(
+                    text, view=rerun_view(row["id"]), allowed_mentions=owner_only(row["user_id"])
+                )
             except discord.HTTPException as exc:
                 log.warning(
                     "could not tell user %s about job %s: %s", row["user_id"], row["id"], exc

@@ -4,6 +4,9 @@ Slash commands, context menus, modals and buttons all end here: options become a
 GenerationRequest, refusals become ephemeral replies and `rejected` rows (through
 `recording_refusals`, the one place the front records them), accepted jobs are deferred.
 Following a job to its images is ui.start_job's part, as the buttons under them live there.
+
+Member bytes are downloaded here only (`download`: no redirects, capped), and decoded or
+resized in threads: the event loop never runs Pillow on them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -23,8 +27,10 @@ from bot.discord_front.policy import check_access, check_limits
 from bot.discord_front.replies import replace_with_error
 from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest, SdbotError
-from bot.inputs import input_size
-from bot.jobs import GenerationRequest
+from bot.inputs import attachment_bytes, picture_inputs
+from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
+
+log = logging.getLogger(__name__)
 
 ImageLoader = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -67,22 +73,55 @@ async def recording_refusals(
         raise
 
 
-async def read_image(
-    svc: Services, url: str, *, what: str = "image", keep_alpha: bool = False
-) -> Image.Image:
-    """Download an image (attachment or earlier result) and decode it off the event loop."""
-    limit = int(svc.settings.max_attachment_mb * 1024 * 1024)
+def check_text_limits(params: Mapping[str, Any], *, source: str = "") -> None:
+    """Prompt lengths, checked before anything else reads them (rules, regexes, the DB):
+    text taken from an image's metadata or a message has had no other limit. `source`
+    says where it came from, e.g. " stored in that image"."""
+    for key, label in (("prompt", "prompt"), ("negative_prompt", "negative prompt")):
+        text = params.get(key)
+        if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(
+                f"The {label}{source} is {len(text)} characters long; "
+                f"the limit is {MAX_PROMPT_CHARS}."
+            )
+
+
+async def download(svc: Services, url: str, *, what: str = "image") -> bytes:
+    """The bytes at a Discord attachment URL, at most the settings' attachment cap.
+
+    Redirects are not followed: an attachment URL is Discord's, and a redirect could point
+    the bot at any address, the local network's included.
+    """
+    limit = attachment_bytes(svc.settings.max_attachment_mb)
+    too_big = InvalidRequest(f"The {what} is over the {svc.settings.max_attachment_mb:g} MB limit.")
+    chunks: list[bytes] = []
+    size = 0
     try:
-        async with svc.http.get(url) as resp:
+        async with svc.http.get(url, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise InvalidRequest(f"The {what} could not be downloaded (HTTP {resp.status}).")
-            data = await resp.content.read(limit + 1)
+            if (resp.content_length or 0) > limit:
+                raise too_big
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
     except TimeoutError:
         raise InvalidRequest(f"Downloading the {what} timed out; try again.") from None
     except Exception as exc:
         if isinstance(exc, SdbotError):
             raise
         raise InvalidRequest(f"The {what} could not be downloaded.") from exc
+    return b"".join(chunks)
+
+
+async def read_image(
+    svc: Services, url: str, *, what: str = "image", keep_alpha: bool = False
+) -> Image.Image:
+    """Download an image (attachment or earlier result) and decode it off the event loop."""
+    data = await download(svc, url, what=what)
+    limit = attachment_bytes(svc.settings.max_attachment_mb)
     return await asyncio.to_thread(
         imaging.decode_attachment,
         data,
@@ -100,7 +139,7 @@ def check_attachment(svc: Services, attachment: discord.Attachment, what: str) -
         kind = ctype or "file of unknown type"
         raise InvalidRequest(f"The {what} must be an image (PNG, JPEG, WebP or GIF); got a {kind}.")
     limit_mb = svc.settings.max_attachment_mb
-    if attachment.size > limit_mb * 1024 * 1024:
+    if attachment.size > attachment_bytes(limit_mb):
         raise InvalidRequest(
             f"The {what} is {attachment.size / 1048576:.1f} MB; the limit is {limit_mb:g} MB."
         )
@@ -123,22 +162,41 @@ def input_loader(
 
     async def load() -> dict[str, Any]:
         picture = await read_image(svc, image_url, keep_alpha=inpaint)
-        native = max(params["width"], params["height"])
-        target = size or input_size(picture.width, picture.height, native)
-        params["width"], params["height"] = target
-        out: dict[str, Any] = {
-            "width": target[0],
-            "height": target[1],
-            "init_image": picture.convert("RGB").resize(target, Image.Resampling.LANCZOS),
-        }
-        if inpaint:
-            mask = await read_image(svc, mask_url, what="mask") if mask_url else None
-            out["mask_image"] = imaging.prepare_mask(
-                picture if mask is None else None, mask, target
-            )
+        mask = await read_image(svc, mask_url, what="mask") if inpaint and mask_url else None
+        out = await asyncio.to_thread(
+            picture_inputs,
+            picture,
+            native=max(params["width"], params["height"]),
+            size=size,
+            inpaint=inpaint,
+            mask=mask,
+        )
+        params["width"], params["height"] = out["width"], out["height"]
         return out
 
     return load
+
+
+async def check_model_on_offer(svc: Services, guild_id: int | None, params: dict[str, Any]) -> None:
+    """The model (and LoRAs) a job names must still be on offer: buttons rerun rows stored
+    before the catalog changed, and a name the catalog no longer has could be taken for a
+    source to download. The owner's (or the server's) default may be any source."""
+    name = str(params.get("model") or "")
+    try:
+        params["model"] = svc.catalog.get(name).name
+    except InvalidRequest:
+        defaults = await svc.defaults_for(guild_id)
+        if name not in (svc.settings.default_model.strip(), defaults.model.strip()):
+            raise InvalidRequest(
+                f"The model {name[:100]!r} is no longer available. "
+                f"Available: {', '.join(svc.catalog.names())}."
+            ) from None
+    loras = params.get("loras") or ()
+    if loras:
+        known = set(svc.catalog.loras())
+        for lora in loras:
+            if lora.name not in known:
+                raise InvalidRequest(f"The LoRA {lora.name[:100]!r} is no longer available.")
 
 
 async def queue_job(
@@ -150,13 +208,16 @@ async def queue_job(
 ) -> tuple[Job, int | None] | None:
     """Validate, queue and defer one job: the job and the id of the deferred message.
 
-    Without images everything is checked before the defer, so refusals are ephemeral replies
-    (raised to the caller's error handler). With images the defer comes first (downloads may
-    outlast Discord's 3 s) and a refusal replaces the deferred message with an ephemeral one
-    (and None is returned).
+    Prompt lengths are checked first, before anything reads the text. Without images
+    everything is checked before the defer, so refusals are ephemeral replies (raised to the
+    caller's error handler). With images the defer comes first (downloads may outlast
+    Discord's 3 s) and a refusal replaces the deferred message with an ephemeral one (and
+    None is returned). None too when Discord refuses the defer: nothing is left running.
     """
     svc = services(interaction)
     origin = origin_of(interaction, command)
+    async with recording_refusals(interaction, command, params):
+        check_text_limits(params)
 
     # Where the inputs came from is kept in the job row (for Reroll after a restart), not
     # in the request the engine sees.
@@ -165,6 +226,7 @@ async def queue_job(
 
     async def build() -> tuple[GenerationRequest, int]:
         async with recording_refusals(interaction, command, params):
+            await check_model_on_offer(svc, interaction.guild_id, params)
             config = await check_access(svc, interaction, params)
             extra = await load_images() if load_images is not None else {}
             merged = {**params, **extra}
@@ -179,10 +241,22 @@ async def queue_job(
         return job
 
     if load_images is None:
+        # Queued before the defer, so that a full queue is an ephemeral reply; a defer
+        # Discord refuses takes the job back out, or it would run for no one.
         request, user_limit = await build()
         job = await submit(request, user_limit)
-        return job, await _defer(interaction)
-    original_id = await _defer(interaction)
+        try:
+            original_id = await _defer(interaction)
+        except discord.HTTPException as exc:
+            log.warning("Discord refused the defer of job %d (%s); cancelling it", job.id, exc)
+            await svc.backend.cancel(job.id)
+            return None
+        return job, original_id
+    try:
+        original_id = await _defer(interaction)
+    except discord.HTTPException as exc:
+        log.warning("Discord refused the defer of a %s job (%s); not queueing it", command, exc)
+        return None
     try:
         request, user_limit = await build()
         job = await submit(request, user_limit)
@@ -193,6 +267,8 @@ async def queue_job(
 
 
 async def _defer(interaction: discord.Interaction) -> int | None:
+    """Acknowledge within Discord's 3 s; raises discord.HTTPException when Discord refuses
+    (the interaction is too old or gone)."""
     if interaction.response.is_done():
         return None
     ack = await interaction.response.defer(thinking=True)

@@ -32,11 +32,32 @@ EDIT_INTERVAL_S = 1.0
 BAR_WIDTH = 12
 #: Discord's own default upload limit when an interaction does not say.
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+#: Discord refuses message content longer than this (characters).
+MAX_CONTENT = 2000
 
 
 def short(text: str, limit: int = 80) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def echo(text: str, limit: int = 80) -> str:
+    """Member text quoted back (a prompt, a file name): one line, at most about `limit`
+    characters, its mentions defused so that quoting `<@id>` or `@everyone` pings no one
+    even where a message may mention the job's owner."""
+    return discord.utils.escape_mentions(short(text, limit))
+
+
+def fit(content: str) -> str:
+    """Content within Discord's limit; every message the front sends goes through here."""
+    return content if len(content) <= MAX_CONTENT else content[: MAX_CONTENT - 1] + "…"
+
+
+def owner_only(user_id: int) -> discord.AllowedMentions:
+    """The one mention a message may ping: the job's owner (the bot's default is none)."""
+    return discord.AllowedMentions(
+        everyone=False, roles=False, replied_user=False, users=[discord.Object(user_id)]
+    )
 
 
 def progress_bar(step: int, total: int) -> str:
@@ -45,7 +66,7 @@ def progress_bar(step: int, total: int) -> str:
 
 
 def status_text(job: Job, event: Queued | Started | Progress) -> str:
-    head = f"**{short(job.request.prompt)}** — {job.request.mode} · job #{job.id}"
+    head = f"**{echo(job.request.prompt)}** — {job.request.mode} · job #{job.id}"
     if isinstance(event, Queued):
         return f"{head}\n⏳ Queued: #{event.position} in line"
     if isinstance(event, Started):
@@ -53,7 +74,7 @@ def status_text(job: Job, event: Queued | Started | Progress) -> str:
     return f"{head}\n🎨 {progress_bar(event.step, event.total)} step {event.step}/{event.total}"
 
 
-def result_text(job: Job, done: Finished, mention: str) -> str:
+def result_text(job: Job, done: Finished) -> str:
     req = job.request
     seeds = (
         f"`{done.seeds[0]}`" if len(done.seeds) == 1 else f"`{done.seeds[0]}`–`{done.seeds[-1]}`"
@@ -69,9 +90,10 @@ def result_text(job: Job, done: Finished, mention: str) -> str:
     if req.mode != "txt2img":
         parts.append(f"{req.mode} {req.strength:g}")
     if req.loras:
-        parts.append(", ".join(f"{lo.name}:{lo.weight:g}" for lo in req.loras))
-    parts += [req.model, f"{done.gpu_seconds:.1f}s", f"job #{job.id}"]
-    return f"{mention} **{short(req.prompt, 200)}**\n" + " · ".join(parts)
+        parts.append(", ".join(f"{echo(lo.name, 40)}:{lo.weight:g}" for lo in req.loras))
+    parts += [echo(req.model, 60), f"{done.gpu_seconds:.1f}s", f"job #{job.id}"]
+    # The owner's mention is the only one meant (see owner_only); the job id stays last.
+    return f"<@{job.origin.user_id}> **{echo(req.prompt, 200)}**\n" + " · ".join(parts)
 
 
 def _reencode(png: bytes, budget: int) -> tuple[bytes, str]:
@@ -148,15 +170,15 @@ class JobFollower:
             elif isinstance(event, Finished):
                 await self._deliver(event)
             elif isinstance(event, Failed):
-                await self._edit(
-                    f"❌ **{short(self.job.request.prompt)}** — {event.error.message}", view=None
-                )
+                failure = discord.utils.escape_mentions(short(event.error.message, 400))
+                await self._edit(f"❌ **{echo(self.job.request.prompt)}** — {failure}", view=None)
 
     async def _edit(
         self, content: str, *, view: discord.ui.View | None, preview: bytes | None = None
     ) -> None:
         if not self._editable:
             return
+        content = fit(content)
         try:
             if preview is not None:
                 file = discord.File(io.BytesIO(preview), filename="preview.png")
@@ -178,8 +200,7 @@ class JobFollower:
         if folder is not None:
             paths = await asyncio.to_thread(outputs.save, folder, job.id, done.images, done.seeds)
             await self.svc.db.set_outputs(job.id, paths)
-        mention = self.interaction.user.mention
-        content = result_text(job, done, mention)
+        content = result_text(job, done)
         if done.grid is not None:
             images = [(done.grid, f"sdbot_{job.id}_grid.png")]
         else:
@@ -201,11 +222,13 @@ class JobFollower:
             content += (
                 "\n-# Re-encoded to fit this server's upload limit; the PNG metadata was dropped."
             )
+        content = fit(content)
         view = self.result_view(job.id, len(done.images))
+        mentions = owner_only(job.origin.user_id)
         message: discord.Message | None = None
         try:
             message = await self.interaction.followup.send(
-                content=content, files=files, view=view, wait=True
+                content=content, files=files, view=view, wait=True, allowed_mentions=mentions
             )
         except discord.HTTPException as exc:
             # The interaction token lasts 15 minutes; a long queue outlives it. Post normally.
@@ -214,7 +237,9 @@ class JobFollower:
                 file.reset()
             channel = self.interaction.client.get_partial_messageable(job.origin.channel_id or 0)
             try:
-                message = await channel.send(content=content, files=files, view=view)
+                message = await channel.send(
+                    content=content, files=files, view=view, allowed_mentions=mentions
+                )
             except discord.HTTPException:
                 log.exception("could not deliver the result of job %d", job.id)
                 return
@@ -235,11 +260,11 @@ async def report(interaction: discord.Interaction, error: BaseException) -> None
     where = _command_name(interaction)
     if isinstance(error, SdbotError):
         message = error.message
-        log.info("refused %s for %s: %s", where, interaction.user.id, message)
+        log.info("refused %s for %s: %s", where, interaction.user.id, short(message, 300))
     elif isinstance(error, app_commands.CheckFailure):
         message = str(error) or "You can't use this command here."
     elif isinstance(error, app_commands.TransformerError):
-        message = f"That value isn't valid: {error.value!r}."
+        message = f"That value isn't valid: {short(repr(error.value), 100)}."
     else:
         log.error(
             "unexpected error in %s (interaction %s):\n%s",
@@ -259,6 +284,8 @@ def _command_name(interaction: discord.Interaction) -> str:
 
 
 async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:
+    """An ephemeral note; error messages may quote member text, so mentions are defused."""
+    text = fit(discord.utils.escape_mentions(text))
     try:
         if interaction.response.is_done():
             await interaction.followup.send(text, ephemeral=True)
@@ -272,5 +299,6 @@ async def replace_with_error(interaction: discord.Interaction, message: str) -> 
     """After a public defer: drop the 'thinking' message, tell only the user why."""
     with contextlib.suppress(discord.HTTPException):
         await interaction.delete_original_response()
+    text = fit(f"⚠️ {discord.utils.escape_mentions(message)}")
     with contextlib.suppress(discord.HTTPException):
-        await interaction.followup.send(f"⚠️ {message}", ephemeral=True)
+        await interaction.followup.send(text, ephemeral=True)

@@ -9,13 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aiohttp
+import aiosqlite
 import discord
 
 from bot.backend import ImageBackend
 from bot.catalog import Catalog
 from bot.db import Database
+from bot.errors import InvalidRequest
 from bot.guild_config import GuildConfigs
 from bot.settings import Settings
+
+
+class NoSuchJob(InvalidRequest):
+    """A job id that is not there for this member here. One answer whether it never existed,
+    was deleted, or belongs to another server or member, so ids elsewhere cannot be probed."""
+
+    reason = "no_such_job"
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            f"There is no job #{job_id} here (it no longer exists, or it isn't yours)."
+        )
+        self.job_id = job_id
 
 
 @dataclass(frozen=True)
@@ -60,3 +75,14 @@ def services(interaction: discord.Interaction) -> Services:
     if not isinstance(found, Services):
         raise TypeError(f"{type(interaction.client).__name__} was built without sdbot's Services")
     return found
+
+
+async def job_here(interaction: discord.Interaction, job_id: int) -> aiosqlite.Row:
+    """The one way the front loads a job a member named by id (a command option, a button's
+    custom_id): only this server's jobs, or in DMs the member's own DM jobs."""
+    row = await services(interaction).db.get_job_in(
+        job_id, guild_id=interaction.guild_id, user_id=interaction.user.id
+    )
+    if row is None:
+        raise NoSuchJob(job_id)
+    return row

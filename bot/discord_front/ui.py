@@ -6,6 +6,7 @@ the job row, so they keep working after a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -18,13 +19,14 @@ from bot import imaging
 from bot.discord_front.intake import ImageLoader, input_loader, queue_job, read_image
 from bot.discord_front.policy import can_moderate
 from bot.discord_front.replies import JobFollower, report
-from bot.discord_front.services import Services, services
+from bot.discord_front.services import Services, job_here, services
 from bot.errors import InvalidRequest
 from bot.jobs import MAX_SIZE, LoraSpec, new_seed, snap_to_8
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("reroll", "vary", "upscale", "edit", "delete", "cancel")
+RERUNS = ("reroll", "vary", "upscale", "edit")
 VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.3
 
@@ -92,9 +94,13 @@ class JobButton(
     async def _dispatch(self, svc: Services, interaction: discord.Interaction) -> None:
         if self.action not in ACTIONS:
             raise InvalidRequest("This button is not one sdbot knows.")
-        row = await svc.db.get_job(self.job_id)
-        if row is None:
-            raise InvalidRequest(f"Job #{self.job_id} no longer exists.")
+        row = await job_here(interaction, self.job_id)
+        if self.action in RERUNS and row["status"] == "rejected":
+            # Its parameters were refused (and stored unvalidated): nothing to run again.
+            raise InvalidRequest(
+                f"Job #{self.job_id} was refused, so there is nothing to run again. "
+                "Start a new one with /imagine."
+            )
         params = json.loads(row["params"])
         if self.action == "cancel":
             if not can_moderate(interaction, row["user_id"]):
@@ -190,11 +196,14 @@ async def _from_result_image(
     )
     source = images[0]
 
-    async def load() -> dict[str, Any]:
-        picture = await read_image(svc, source.url, what="result image")
+    def cell(picture: Image.Image) -> Image.Image:
         if count > 1:
             picture = imaging.grid_cell(picture, count, index - 1)
-        return {"init_image": picture.resize((width, height), Image.Resampling.LANCZOS)}
+        return picture.resize((width, height), imaging.LANCZOS)
+
+    async def load() -> dict[str, Any]:
+        picture = await read_image(svc, source.url, what="result image")
+        return {"init_image": await asyncio.to_thread(cell, picture)}
 
     request_params["source_url"] = source.url
     request_params["source_index"] = index
