@@ -20,6 +20,19 @@ class InvalidRequest(SdbotError, ValueError):
     reason = "invalid"
 
 
+class NoSuchJob(InvalidRequest):
+    """A job id that is not there for this member here. One answer whether it never existed,
+    was deleted, or belongs to another server or member, so ids elsewhere cannot be probed."""
+
+    reason = "no_such_job"
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            f"There is no job #{job_id} here (it no longer exists, or it isn't yours)."
+        )
+        self.job_id = job_id
+
+
 class QueueFull(SdbotError):
     """The queue cannot take another job right now."""
 

@@ -11,11 +11,11 @@ from discord.ext import commands
 
 from bot import imaging, jobs
 from bot.discord_front.intake import (
-    check_text_limits,
     download,
     input_loader,
     recording_refusals,
 )
+from bot.discord_front.policy import check_prompt_lengths
 from bot.discord_front.replies import echo, fit, report
 from bot.discord_front.services import Services, services
 from bot.discord_front.ui import start_job
@@ -114,7 +114,7 @@ class ContextMenus(commands.Cog):
         # The prompt is the image's or the message's, not typed here: say so if it is too long.
         source = " stored in that image" if found.get("prompt") else " taken from that message"
         async with recording_refusals(interaction, "vary", params):
-            check_text_limits(params, source=source)
+            check_prompt_lengths(params, source=source)
         await self._start(interaction, attachment, params, "vary")
 
     async def edit(self, interaction: discord.Interaction, message: discord.Message) -> None:
@@ -172,13 +172,14 @@ class PromptModal(discord.ui.Modal):
         self.add_item(self.strength)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        try:
-            strength = float(self.strength.value)
-        except ValueError:
-            raise InvalidRequest(f"strength {self.strength.value!r} is not a number.") from None
         params = await self.cog._base_params(interaction, self.attachment, self.found)
-        params.update(prompt=self.prompt.value, mode=self.mode, strength=strength)
+        params.update(prompt=self.prompt.value, mode=self.mode)
         command = "edit" if self.mode == "img2img" else "inpaint-alpha"
+        async with recording_refusals(interaction, command, params):
+            try:
+                params["strength"] = float(self.strength.value)
+            except ValueError:
+                raise InvalidRequest(f"strength {self.strength.value!r} is not a number.") from None
         await self.cog._start(interaction, self.attachment, params, command)
 
     async def on_error(  # type: ignore[override]

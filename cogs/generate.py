@@ -11,11 +11,11 @@ from discord.ext import commands
 from bot import jobs
 from bot.discord_front.intake import (
     check_attachment,
-    check_text_limits,
     input_loader,
     recording_refusals,
 )
 from bot.discord_front.options import DESCRIBE, DESCRIBE_EDIT, image_option_autocomplete
+from bot.discord_front.policy import check_prompt_lengths
 from bot.discord_front.services import services
 from bot.discord_front.ui import start_job
 from bot.inputs import parse_loras, parse_size
@@ -60,7 +60,7 @@ class Generate(commands.Cog):
         }  # fmt: skip
         svc = services(interaction)
         async with recording_refusals(interaction, command, given):
-            check_text_limits(given)  # first: a modified client can send any length
+            check_prompt_lengths(given)  # first: a modified client can send any length
             for what, attachment in (attachments or {}).items():
                 check_attachment(svc, attachment, what)
             defaults = await svc.defaults_for(interaction.guild_id)

@@ -11,8 +11,8 @@ from discord.ext import commands
 from bot.discord_front.intake import check_attachment, download
 from bot.discord_front.policy import can_moderate, manages_messages
 from bot.discord_front.replies import echo, fit, short
-from bot.discord_front.services import NoSuchJob, job_here, services
-from bot.errors import InvalidRequest
+from bot.discord_front.services import job_here, services
+from bot.errors import InvalidRequest, NoSuchJob
 from cogs.context_menus import format_parameters_reply, parameters_in
 
 STATUS_ICONS = {

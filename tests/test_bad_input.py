@@ -335,13 +335,6 @@ CASES: dict[str, Case] = {
         edit_modal("5"), "strength 5.0 is out of range; use 0.05 to 1", "invalid"
     ),
 }
-#: Cases that show a bug in a file this corpus does not own; strict, so a fix is noticed.
-KNOWN_BUGS = {
-    "modal-bad-strength": (
-        "cogs/context_menus.py PromptModal.on_submit refuses an unparsable strength before "
-        "recording_refusals, so no rejected row is written (strength '5' is recorded)"
-    ),
-}
 #: Rules that still hold for the member afterwards, by design.
 STILL_REFUSED = {"banned", "wrong-channel", "over-quota"}
 UNEXPECTED = ("unexpected error", "something went wrong", "traceback")
@@ -353,12 +346,7 @@ def rejected_rows(h: Harness) -> list[tuple[str, str]]:
         return [(str(r[0]), str(r[1])) for r in conn.execute(sql)]
 
 
-def case_params() -> list[Any]:
-    bug = {n: pytest.mark.xfail(strict=True, reason=why) for n, why in KNOWN_BUGS.items()}
-    return [pytest.param(n, marks=[bug[n]] if n in bug else []) for n in CASES]
-
-
-@pytest.mark.parametrize("name", case_params())
+@pytest.mark.parametrize("name", list(CASES))
 async def test_bad_input(harness: Harness, name: str, caplog: pytest.LogCaptureFixture) -> None:
     case = CASES[name]
     c = harness.control

@@ -23,12 +23,12 @@ from PIL import Image
 
 from bot import imaging
 from bot.backend import Job, JobOrigin
-from bot.discord_front.policy import check_access, check_limits
+from bot.discord_front.policy import check_access, check_limits, check_prompt_lengths
 from bot.discord_front.replies import replace_with_error
 from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest, SdbotError
 from bot.inputs import attachment_bytes, picture_inputs
-from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
+from bot.jobs import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +71,6 @@ async def recording_refusals(
         db = services(interaction).db
         await db.record_rejected(origin, jsonable(params), exc.reason, exc.message)
         raise
-
-
-def check_text_limits(params: Mapping[str, Any], *, source: str = "") -> None:
-    """Prompt lengths, checked before anything else reads them (rules, regexes, the DB):
-    text taken from an image's metadata or a message has had no other limit. `source`
-    says where it came from, e.g. " stored in that image"."""
-    for key, label in (("prompt", "prompt"), ("negative_prompt", "negative prompt")):
-        text = params.get(key)
-        if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
-            raise InvalidRequest(
-                f"The {label}{source} is {len(text)} characters long; "
-                f"the limit is {MAX_PROMPT_CHARS}."
-            )
 
 
 async def download(svc: Services, url: str, *, what: str = "image") -> bytes:
@@ -217,7 +204,7 @@ async def queue_job(
     svc = services(interaction)
     origin = origin_of(interaction, command)
     async with recording_refusals(interaction, command, params):
-        check_text_limits(params)
+        check_prompt_lengths(params)
 
     # Where the inputs came from is kept in the job row (for Reroll after a restart), not
     # in the request the engine sees.

@@ -15,22 +15,9 @@ import discord
 from bot.backend import ImageBackend
 from bot.catalog import Catalog
 from bot.db import Database
-from bot.errors import InvalidRequest
+from bot.errors import NoSuchJob
 from bot.guild_config import GuildConfigs
 from bot.settings import Settings
-
-
-class NoSuchJob(InvalidRequest):
-    """A job id that is not there for this member here. One answer whether it never existed,
-    was deleted, or belongs to another server or member, so ids elsewhere cannot be probed."""
-
-    reason = "no_such_job"
-
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            f"There is no job #{job_id} here (it no longer exists, or it isn't yours)."
-        )
-        self.job_id = job_id
 
 
 @dataclass(frozen=True)
