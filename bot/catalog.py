@@ -53,6 +53,16 @@ class ModelEntry:
     def is_single_file(self) -> bool:
         return self.source.lower().endswith(SINGLE_FILE_SUFFIXES)
 
+    @property
+    def public_name(self) -> str:
+        """The name to show members. A model not in the catalog is named by its source, and
+        when that is a local path only its last part is shown: members must not learn where
+        the server keeps its files."""
+        name = self.name
+        if _NAME_RE.match(name) or name.startswith("builtin:") or is_hub_id(name):
+            return name
+        return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or "model"
+
 
 @dataclass(frozen=True)
 class Catalog:

@@ -18,6 +18,11 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from bot.errors import InvalidRequest
 
+# Reading the text back (bounded, linear time) lives beside; its names are part of this API.
+from bot.png_parameters import MAX_PARAMETERS_BYTES as MAX_PARAMETERS_BYTES
+from bot.png_parameters import parse_parameters as parse_parameters
+from bot.png_parameters import read_parameters as read_parameters
+
 if TYPE_CHECKING:
     from bot.jobs import GenerationRequest
 
@@ -110,36 +115,6 @@ def encode_pngs(
         # A1111 labels a grid with its first image's parameters.
         grid = encode_png(make_grid(images), parameters[0])
     return pngs, grid
-
-
-def read_parameters(data: bytes) -> str | None:
-    """The `parameters` chunk of a PNG made by us, A1111 or any tool that follows it."""
-    with Image.open(io.BytesIO(data)) as img:
-        text = img.info.get("parameters")
-    return text if isinstance(text, str) else None
-
-
-_FIELD_RE = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)')
-
-
-def parse_parameters(text: str) -> dict[str, str]:
-    """Split A1111 `parameters` text into prompt, negative prompt and the key/value fields."""
-    lines = text.strip().split("\n")
-    result: dict[str, str] = {}
-    fields_line = lines[-1] if len(lines) > 1 or "Steps:" in lines[-1] else ""
-    body = lines[:-1] if fields_line else lines
-    prompt_lines: list[str] = []
-    negative_lines: list[str] = []
-    for line in body:
-        if line.startswith("Negative prompt:") or negative_lines:
-            negative_lines.append(line.removeprefix("Negative prompt:").strip())
-        else:
-            prompt_lines.append(line)
-    result["prompt"] = "\n".join(prompt_lines)
-    result["negative_prompt"] = "\n".join(negative_lines)
-    for key, value in _FIELD_RE.findall(fields_line):
-        result[key.strip()] = value.strip()
-    return result
 
 
 # -- attachments ----------------------------------------------------------------------------

@@ -171,3 +171,15 @@ def test_hub_ids_are_owner_slash_name() -> None:
     assert is_hub_id("Lykon/DreamShaper") and is_hub_id("a.b/c_d-1")
     for text in ("tiny", "a/b/c", "/abs/path", "./x/y", "-a/b", "a/", "owner/na me"):
         assert not is_hub_id(text), text
+
+
+def test_public_name_never_shows_a_local_path(tmp_path: Path) -> None:
+    catalog = Catalog.load(None, tmp_path)
+    assert catalog.get("tiny").public_name == "tiny"
+    assert catalog.resolve("owner/name").public_name == "owner/name"  # a Hub id is public
+    assert catalog.resolve(BUILTIN_TINY).public_name == "tiny"
+    folder = tmp_path / "server" / "sd15"
+    assert catalog.resolve(str(folder)).public_name == "sd15"
+    assert catalog.resolve(f"{folder}/").public_name == "sd15"
+    assert catalog.resolve("~/models/dream.safetensors").public_name == "dream.safetensors"
+    assert catalog.resolve("C:\\models\\dream.ckpt").public_name == "dream.ckpt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_single_file_errors_say_what_is_missing(
     model_cache: Path, files: Path, tmp_path: Path
 ) -> None:
     engine = new_engine(model_cache, files)
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors` of model `missing` does not"):
+    with pytest.raises(ModelLoadError, match=r"checkpoint file of model `missing` does not"):
         engine.load("missing")
     bad_config = tmp_path / "models.toml"
     bad_config.write_text(
@@ -166,7 +167,9 @@ def test_load_records_for_ok_and_failed_loads(
         False,
         None,
     )
-    assert failed.error is not None and str(broken) in failed.error
+    # The record's error is the members' message: no path (the source column has it).
+    assert failed.error is not None and "model `broken`" in failed.error
+    assert str(tmp_path) not in failed.error
     with pytest.raises(ModelLoadError):
         engine.load("missing")
     assert records[-1].model == "missing" and not records[-1].ok
@@ -192,3 +195,70 @@ def test_max_loaded_must_be_positive(model_cache: Path) -> None:
 
     with pytest.raises(SettingsError, match="max_loaded must be at least 1"):
         Engine(device="cpu", cache_dir=model_cache, max_loaded=0)
+
+
+BROKEN_SOURCES = {
+    "gone": 'source = "./missing-folder"',
+    "gone-checkpoint": 'source = "./missing.safetensors"',
+    "corrupt": 'source = "corrupt.safetensors"',
+    "corrupt-with-config": 'source = "corrupt.safetensors"\nconfig = "tiny-config"',
+    "bad-config": 'source = "tiny.safetensors"\nconfig = "not-a-config"',
+    "half-folder": 'source = "half-folder"',
+    "no-index": 'source = "no-index"',
+    "a-file": 'source = "weights.bin"',
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_SOURCES))
+def test_load_errors_name_the_model_never_the_servers_paths(
+    model_cache: Path,
+    files: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+) -> None:
+    """What a member sees when a catalog model cannot load: its name, no path; the path goes
+    to the log (and, for a missing file, to the cause the job's row records)."""
+    root = tmp_path / "server models"  # a space: paths in diffusers' messages are cut there
+    root.mkdir()
+    (root / "corrupt.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0not json")
+    shutil.copy(files / "tiny.safetensors", root / "tiny.safetensors")
+    shutil.copytree(files / "tiny-config", root / "tiny-config")
+    (root / "not-a-config").mkdir()
+    shutil.copytree(model_cache / TINY_MODEL_DIRNAME, root / "half-folder")
+    (root / "half-folder" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (root / "no-index").mkdir()
+    (root / "weights.bin").write_bytes(b"weights")
+    (root / "models.toml").write_text(f"[models.{name}]\n{BROKEN_SOURCES[name]}\n")
+    catalog = Catalog.load(root / "models.toml", root / "loras")
+    engine = Engine(device="cpu", dtype="float32", cache_dir=model_cache, catalog=catalog)
+    with pytest.raises(ModelLoadError) as info:
+        engine.load(name)
+    message = info.value.message
+    assert f"model `{name}`" in message
+    for path in {str(tmp_path), str(tmp_path.resolve()), "server models", "/tmp"}:
+        assert path not in message, message
+    assert str(root) in caplog.text  # the owner still learns which file
+    cause = info.value.__cause__
+    if isinstance(cause, OSError) and cause.filename:  # refused before diffusers was asked
+        assert str(root) in str(cause)
+
+
+def test_paths_are_scrubbed_from_what_diffusers_and_the_os_say() -> None:
+    from bot.engine.sources import public_error, scrub_paths
+
+    cases = {
+        "no file in directory /srv/sd/models/x/unet.": "no file in directory <path>",
+        "for '/srv/a.safetensors' at \"/srv/a.safetensors\"": "for '<path>' at \"<path>\"",
+        "C:\\Users\\me\\m.ckpt, ~/models/m and (/root/.cache/hf)": "<path>, <path> and (<path>)",
+        # Not paths: Hub ids, URLs, relative paths, fractions.
+        "see https://huggingface.co/a/b or owner/name, ./rel/x, 1/2": "unchanged",
+    }
+    for text, expected in cases.items():
+        assert scrub_paths(text) == (text if expected == "unchanged" else expected)
+    # A known path goes whole, spaces and all; what follows it stays.
+    error = OSError("no unet in /srv/my models/sd15/unet")
+    assert public_error(error, "/srv/my models/sd15") == "OSError: no unet in <path>/unet"
+    started = time.perf_counter()
+    scrub_paths("/" * 200_000 + "a/" * 200_000)
+    assert time.perf_counter() - started < 0.5  # linear on any text

@@ -56,7 +56,14 @@ class Adapters:
         adapters: list[str] = []
         for spec in loras:
             path = self.catalog.lora_path(spec.name)
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError as exc:  # removed (or made unreadable) since it was listed
+                log.warning("LoRA %s: %s", spec.name, exc)
+                raise InvalidRequest(
+                    f"The LoRA {spec.name!r} cannot be read on this bot right now; the log "
+                    "says why."
+                ) from exc
             stamp = (stat.st_mtime_ns, stat.st_size)
             cached = loaded.loras.get(spec.name)
             if cached is not None and cached[1] != stamp:
@@ -69,12 +76,15 @@ class Adapters:
                     with _quiet_peft():
                         pipe.load_lora_weights(str(path), adapter_name=adapter)
                 except Exception as exc:
-                    log.warning("LoRA %s failed to load: %s", spec.name, short_error(exc, 400))
+                    log.warning(
+                        "LoRA %s (%s) failed to load: %s", spec.name, path, short_error(exc, 400)
+                    )
                     with contextlib.suppress(Exception), _quiet_peft():
                         pipe.delete_adapters([adapter])
                     raise InvalidRequest(
-                        f"The LoRA {spec.name!r} does not fit model {loaded.entry.name!r} (it "
-                        "was probably made for another base model). Pick another LoRA or model."
+                        f"The LoRA {spec.name!r} does not fit model "
+                        f"{loaded.entry.public_name!r} (it was probably made for another base "
+                        "model). Pick another LoRA or model."
                     ) from exc
                 cached = (adapter, stamp)
             loaded.loras[spec.name] = cached

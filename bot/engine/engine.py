@@ -184,7 +184,7 @@ class Engine:
         except Exception as exc:
             log.exception("scheduler %s failed for %s", name, loaded.entry.name)
             raise GenerationFailed(
-                f"The {name} sampler does not work with model {loaded.entry.name}; "
+                f"The {name} sampler does not work with model {loaded.entry.public_name}; "
                 "pick another sampler."
             ) from exc
         pipe.scheduler = scheduler

@@ -22,7 +22,7 @@ import torch
 from bot.catalog import Catalog, ModelEntry
 from bot.engine.device import free_memory, is_oom
 from bot.engine.results import LoadRecord
-from bot.engine.sources import load_error, locate, short_error
+from bot.engine.sources import load_error, locate, public_error
 from bot.errors import InvalidRequest, ModelLoadError, SettingsError
 
 log = logging.getLogger(__name__)
@@ -216,12 +216,14 @@ class LoadedModels:
             free_memory(self.device)
             if is_oom(exc):
                 raise ModelLoadError(
-                    f"Model `{entry.name}` does not fit in the memory of {self.device}. Lower "
-                    "SDBOT_MAX_LOADED_MODELS, use SDBOT_DTYPE=float16, or pick a smaller model."
+                    f"Model `{entry.public_name}` does not fit in the memory of {self.device}. "
+                    "Lower SDBOT_MAX_LOADED_MODELS, use SDBOT_DTYPE=float16, or pick a smaller "
+                    "model."
                 ) from exc
+            log.error("moving model %s to %s failed", entry.name, self.device, exc_info=exc)
             raise ModelLoadError(
-                f"Model `{entry.name}` loaded but could not be moved to {self.device} "
-                f"({short_error(exc)})."
+                f"Model `{entry.public_name}` loaded but could not be moved to {self.device} "
+                f"({public_error(exc, location)})."
             ) from exc
         return pipe
 

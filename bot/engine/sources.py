@@ -3,12 +3,15 @@
 A catalog source is the built-in tiny model, a local diffusers folder, a single-file
 checkpoint (.safetensors/.ckpt, with an optional local config folder), or a Hugging Face Hub
 id. `locate` checks it without reading weights, so a typo is refused before a loaded model is
-evicted; `load_error` turns what diffusers raised into a message that names the fix.
+evicted; `load_error` turns what diffusers raised into a message that names the fix. Members
+see these messages: they name the model, never a file on the server (the log has the paths).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 from pathlib import Path
 
 from bot.catalog import BUILTIN_TINY, BUILTIN_TINY_INPAINT, ModelEntry, is_hub_id
@@ -19,14 +22,22 @@ log = logging.getLogger(__name__)
 
 
 def locate(entry: ModelEntry, cache_dir: Path) -> tuple[str, str]:
-    """(kind, location): kind is "folder", "hub" or "single_file"."""
+    """(kind, location): kind is "folder", "hub" or "single_file".
+
+    Members see these errors: they name the model, never a path on the server (the log and,
+    through the error's cause, the job's row have it).
+    """
+    name = entry.public_name
     source = entry.source.strip()
     if source in (BUILTIN_TINY, BUILTIN_TINY_INPAINT):
         try:
             folder = ensure_tiny_model(cache_dir, inpainting=source == BUILTIN_TINY_INPAINT)
         except Exception as exc:
+            log.error("building %s in %s failed", source, cache_dir, exc_info=exc)
             raise ModelLoadError(
-                f"Could not build the built-in tiny model in `{cache_dir}` ({short_error(exc)})."
+                f"Could not build the built-in tiny model `{name}` in the cache folder "
+                f"({public_error(exc, cache_dir)}). Is SDBOT_CACHE_DIR writable? The log has "
+                "the details."
             ) from exc
         return "folder", str(folder)
     if source.startswith("builtin:"):
@@ -37,48 +48,100 @@ def locate(entry: ModelEntry, cache_dir: Path) -> tuple[str, str]:
     path = Path(source).expanduser()
     if entry.is_single_file:
         if not path.is_file():
-            raise ModelLoadError(
-                f"The checkpoint file `{path.absolute()}` of model `{entry.name}` does not "
-                "exist. Fix its `source` in the model catalog."
+            raise _refused(
+                entry,
+                FileNotFoundError(errno.ENOENT, "no checkpoint file", str(path.absolute())),
+                f"The checkpoint file of model `{name}` does not exist. Fix its `source` in the "
+                "model catalog (the log names the path).",
             )
         if entry.config is not None:
             config = Path(entry.config).expanduser()
             if not (config / "model_index.json").is_file():
-                raise ModelLoadError(
-                    f"The `config` folder `{config}` of model `{entry.name}` is not a "
-                    "diffusers folder (no model_index.json). Point it at a diffusers copy "
-                    "of the same architecture, e.g. `hf download "
-                    "stable-diffusion-v1-5/stable-diffusion-v1-5 --exclude '*.safetensors' "
-                    "'*.bin' --local-dir <folder>`."
+                raise _refused(
+                    entry,
+                    FileNotFoundError(errno.ENOENT, "no config", str(config / "model_index.json")),
+                    f"The `config` folder of model `{name}` is not a diffusers folder (no "
+                    "model_index.json). Point it at a diffusers copy of the same architecture, "
+                    "e.g. `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --exclude "
+                    "'*.safetensors' '*.bin' --local-dir <folder>`.",
                 )
         return "single_file", str(path)
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"`{source}` is a file, not a diffusers model folder.")
+            raise _refused(
+                entry,
+                NotADirectoryError(errno.ENOTDIR, "not a folder", str(path.absolute())),
+                f"The source of model `{name}` is a file, not a diffusers model folder.",
+            )
         if not (path / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"`{path}` is not a diffusers model folder: it has no model_index.json."
+            raise _refused(
+                entry,
+                FileNotFoundError(errno.ENOENT, "no model index", str(path / "model_index.json")),
+                f"The folder of model `{name}` is not a diffusers model folder: it has no "
+                "model_index.json.",
             )
         return "folder", str(path)
     # An existing folder wins over a Hub id of the same spelling (e.g. `models/sd15`).
     if is_hub_id(source):
         return "hub", source
-    raise ModelLoadError(
-        f"No model folder exists at `{path.absolute()}`. Point the model source at an existing "
-        f"diffusers folder, a Hugging Face id like `owner/name`, or `{BUILTIN_TINY}`."
+    raise _refused(
+        entry,
+        FileNotFoundError(errno.ENOENT, "no model folder", str(path.absolute())),
+        f"The model folder of model `{name}` does not exist. Point its source at an existing "
+        f"diffusers folder, a Hugging Face id like `owner/name`, or `{BUILTIN_TINY}` (the log "
+        "names the path).",
     )
 
 
+def _refused(entry: ModelEntry, cause: OSError, message: str) -> ModelLoadError:
+    """`message` for members; the path in the log, and in the cause the job's row records."""
+    log.error("model %s cannot be loaded: %s", entry.name, cause)
+    error = ModelLoadError(message)
+    error.__cause__ = cause
+    return error
+
+
 def short_error(exc: BaseException, limit: int = 160) -> str:
-    """`exc` as one short line for messages and logs: its type and the start of its text."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """`exc` as one short line for the log: its type and the start of its text."""
+    return _one_line(exc, str(exc), limit)
+
+
+def public_error(exc: BaseException, *known: str | Path | None, limit: int = 160) -> str:
+    """short_error for members: diffusers and the OS name the files they failed on, and
+    members must not learn where the server keeps its files. `known` paths go first (the
+    pattern would stop at a space in them)."""
+    return _one_line(exc, scrub_paths(str(exc), *known), limit)
+
+
+def _one_line(exc: BaseException, text: str, limit: int) -> str:
+    text = text.strip().splitlines()[0] if text.strip() else ""
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# A path starts with a slash or backslash (after `~` or `C:` perhaps) that is not inside a
+# word, a URL, a relative path or after a known path already replaced (`<path>/unet` stays),
+# and runs to a space, a quote or a bracket. No nested or overlapping repetition: linear.
+_PATH_RE = re.compile(r"""(?<![\w:/.~>\\-])(?:~|[A-Za-z]:)?[/\\][^\s'"`,;()\[\]{}<>]*""")
+
+
+def scrub_paths(text: str, *known: str | Path | None) -> str:
+    """`text` with `known` paths and every absolute file path in it replaced by `<path>`."""
+    spellings: set[str] = set()
+    for path in known:
+        if path:
+            full = Path(path).expanduser()
+            spellings.update({str(path), str(full), str(full.absolute()), str(full.resolve())})
+    for spelling in sorted(spellings, key=len, reverse=True):  # a folder after its files
+        if len(spelling) > 1:
+            text = text.replace(spelling, "<path>")
+    return _PATH_RE.sub("<path>", text)
+
+
 def load_error(entry: ModelEntry, kind: str, location: str, exc: Exception) -> ModelLoadError:
-    """What to tell the owner when diffusers could not read the model at `location`."""
+    """What to tell members (and the owner) when diffusers could not read the model at
+    `location`: the model's name, what diffusers said without its paths, and the fix."""
     if kind == "hub":
         log.warning("loading hub model %s failed: %s", entry.source, short_error(exc, 400))
         return ModelLoadError(_hub_error_message(entry.source, exc))
@@ -93,11 +156,13 @@ def load_error(entry: ModelEntry, kind: str, location: str, exc: Exception) -> M
             "of the same architecture."
         )
         return ModelLoadError(
-            f"Could not load the checkpoint `{location}` ({short_error(exc)}). {hint}"
+            f"Could not load the checkpoint of model `{entry.public_name}` "
+            f"({public_error(exc, location, entry.config)}). {hint}"
         )
     return ModelLoadError(
-        f"Could not load the model folder `{location}` ({short_error(exc)}). "
-        "Is it a complete Stable Diffusion 1.x/2.x diffusers folder?"
+        f"Could not load the model folder of model `{entry.public_name}` "
+        f"({public_error(exc, location)}). Is it a complete Stable Diffusion 1.x/2.x "
+        "diffusers folder?"
     )
 
 
@@ -153,6 +218,6 @@ def _hub_error_message(source: str, exc: BaseException) -> str:
             "<folder>` and set the model source to that local folder."
         )
     return (
-        f"Model `{source}` could not be loaded from the Hugging Face Hub ({short_error(exc)}). "
+        f"Model `{source}` could not be loaded from the Hugging Face Hub ({public_error(exc)}). "
         "Check the id, or download it and set the model source to the local folder."
     )
