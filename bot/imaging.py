@@ -20,6 +20,7 @@ from bot.errors import InvalidRequest
 
 # Reading the text back (bounded, linear time) lives beside; its names are part of this API.
 from bot.png_parameters import MAX_PARAMETERS_BYTES as MAX_PARAMETERS_BYTES
+from bot.png_parameters import MAX_PNG_CHUNKS, too_many_chunks
 from bot.png_parameters import parse_parameters as parse_parameters
 from bot.png_parameters import read_parameters as read_parameters
 
@@ -131,9 +132,10 @@ def decode_attachment(
     """Decode an uploaded image safely: an RGB (or, with keep_alpha, RGBA) copy in memory.
 
     Size limits are checked on the header before any pixel is decoded, so a small file that
-    claims 20000x20000 pixels costs nothing. Animated images give their first frame; the EXIF
-    orientation is applied (phones store photos sideways). Every failure is an
-    InvalidRequest whose message names `what` ("image", "mask") and the limit.
+    claims 20000x20000 pixels costs nothing; nor does a PNG of a million empty chunks.
+    Animated images give their first frame; the EXIF orientation is applied (phones store
+    photos sideways). Every failure is an InvalidRequest whose message names `what` ("image",
+    "mask") and the limit.
     """
     size = len(data)
     if size == 0:
@@ -142,6 +144,12 @@ def decode_attachment(
         raise InvalidRequest(
             f"The {what} is {_megabytes(size)}; the limit is {_megabytes(max_bytes)}. "
             "Attach a smaller file."
+        )
+    if too_many_chunks(data):
+        # Pillow would walk every chunk, seconds of CPU for a 12 MB file of empty ones.
+        raise InvalidRequest(
+            f"The {what} is a PNG with more than {MAX_PNG_CHUNKS} chunks besides its pixels, "
+            "more than sdbot reads. Save it again with an image editor and re-attach it."
         )
     try:
         with warnings.catch_warnings():

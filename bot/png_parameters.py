@@ -1,6 +1,7 @@
 """Reading AUTOMATIC1111 `parameters` text back out of members' PNGs (`/pnginfo`, the context
 menus), bounded and in linear time: an upload is untrusted, and a PNG text chunk may hold
-megabytes. Writing it is `bot.imaging.format_parameters`.
+megabytes. Writing it is `bot.imaging.format_parameters`. The same chunk walker counts a PNG's
+chunks before Pillow decodes it (`too_many_chunks`).
 
 The chunks are read here rather than by Pillow, so only the one text chunk wanted is inflated,
 and only up to MAX_PARAMETERS_BYTES, whatever Pillow's global text limits are.
@@ -8,6 +9,7 @@ and only up to MAX_PARAMETERS_BYTES, whatever Pillow's global text limits are.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from collections.abc import Iterator
@@ -19,6 +21,14 @@ from bot.errors import InvalidRequest
 MAX_PARAMETERS_BYTES = 16 * 1024
 #: Chunks walked before giving up: an upload of a million empty chunks costs no more.
 _MAX_PNG_CHUNKS = 4096
+#: Chunks besides its pixel data a PNG may have for sdbot to decode it. Pillow walks chunks one
+#: by one (~4 µs each) before, between and after the pixel data: a million empty ones, 12 MB,
+#: cost seconds of CPU. Real PNGs have a few dozen.
+MAX_PNG_CHUNKS = 4096
+#: Pixel data chunks (IDAT, APNG's fdAT) at least this long are not counted: their number is
+#: bounded by the file size, and a real encoder writes them 8 KB or more at a time.
+_COUNTED_DATA_BELOW = 1024
+_DATA_CHUNKS = (b"IDAT", b"fdAT")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _KEYWORD = b"parameters\0"
 
@@ -34,23 +44,44 @@ def read_parameters(data: bytes) -> str | None:
     if not data.startswith(_PNG_SIGNATURE):
         return None
     view = memoryview(data)
+    for kind, start, end in itertools.islice(_chunks(data), _MAX_PNG_CHUNKS):
+        if (
+            kind in (b"tEXt", b"zTXt", b"iTXt")
+            and data.startswith(_KEYWORD, start, end)
+            # A chunk that fails its checksum is damaged: as good as absent.
+            and zlib.crc32(view[start - 4 : end]) == struct.unpack_from(">I", data, end)[0]
+        ):
+            return _chunk_text(kind, data[start + len(_KEYWORD) : end])
+    return None
+
+
+def too_many_chunks(data: bytes) -> bool:
+    """Whether `data` is a PNG with more than MAX_PNG_CHUNKS chunks besides its pixel data,
+    too many for Pillow to walk in good time. Stops counting there, so it takes at most a
+    few milliseconds (plus one step per large pixel data chunk); False for any other format."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return False
+    counted = 0
+    for kind, start, end in _chunks(data):
+        if kind in _DATA_CHUNKS and end - start >= _COUNTED_DATA_BELOW:
+            continue
+        counted += 1
+        if counted > MAX_PNG_CHUNKS:
+            return True
+    return False
+
+
+def _chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, start, end of its data) of each whole chunk of a PNG, up to IEND or the first
+    chunk cut off (Pillow stops at IEND too). The CRC is the 4 bytes at `end`."""
     pos = len(_PNG_SIGNATURE)
-    for _ in range(_MAX_PNG_CHUNKS):
-        if pos + 12 > len(data):
-            break
+    while pos + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, pos)
         end = pos + 8 + length
         if kind == b"IEND" or end + 4 > len(data):
-            break
-        if (
-            kind in (b"tEXt", b"zTXt", b"iTXt")
-            and data.startswith(_KEYWORD, pos + 8, end)
-            # A chunk that fails its checksum is damaged: as good as absent.
-            and zlib.crc32(view[pos + 4 : end]) == struct.unpack_from(">I", data, end)[0]
-        ):
-            return _chunk_text(kind, data[pos + 8 + len(_KEYWORD) : end])
+            return
+        yield kind, pos + 8, end
         pos = end + 4
-    return None
 
 
 def _chunk_text(kind: bytes, body: bytes) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,80 @@ def test_public_name_never_shows_a_local_path(tmp_path: Path) -> None:
     assert catalog.resolve(f"{folder}/").public_name == "sd15"
     assert catalog.resolve("~/models/dream.safetensors").public_name == "dream.safetensors"
     assert catalog.resolve("C:\\models\\dream.ckpt").public_name == "dream.ckpt"
+
+
+# -- availability: can this machine load it, asked cheaply and offline --------------------------
+
+
+def fake_hub_snapshot(cache: Path, repo_id: str, *, weights: bool = True) -> Path:
+    """The layout huggingface_hub leaves in its cache after downloading a diffusers model."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for part, files in {
+        "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
+        "vae": ["config.json", "diffusion_pytorch_model.safetensors"],
+        "text_encoder": ["config.json", "model.safetensors"],
+        "tokenizer": ["vocab.json", "merges.txt"],
+        "scheduler": ["scheduler_config.json"],
+    }.items():
+        (snapshot / part).mkdir(parents=True)
+        for name in files:
+            if weights or not name.endswith(".safetensors"):
+                (snapshot / part / name).write_text("{}")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None],
+    }
+    (snapshot / "model_index.json").write_text(json.dumps(index))
+    return snapshot
+
+
+def test_availability_says_which_models_this_machine_can_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    from bot.model_sources import availability
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    fake_hub_snapshot(cache, "OFA-Sys/small-stable-diffusion-v0")
+    fake_hub_snapshot(cache, "Lykon/DreamShaper", weights=False)  # an interrupted download
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "model_index.json").write_text("{}")
+    shipped = Catalog.load(None, tmp_path)
+
+    assert availability(shipped, "tiny") is None
+    assert availability(shipped, "small-sd") is None  # downloaded: in the cache
+    for name in ("dreamshaper", "sd15"):
+        reason = availability(shipped, name)
+        assert reason is not None and reason.startswith(f"Model `{name}` (`"), name
+        assert "is not downloaded yet and the Hugging Face Hub cannot be reached" in reason
+    assert availability(shipped, str(tmp_path / "folder")) is None
+    gone = availability(shipped, str(tmp_path / "gone.safetensors"))
+    assert gone is not None and "model `gone.safetensors` does not exist" in gone
+    assert str(tmp_path) not in gone  # members see it: no server paths
+    assert availability(shipped, "tiyn") == shipped_unknown(shipped, "tiyn")
+
+    # Online, a model not downloaded yet would be fetched: available as far as can be told.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert availability(shipped, "sd15") is None
+    # The variable as set now counts too, as the owner means it.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert availability(shipped, "sd15") is not None
+
+
+def shipped_unknown(catalog: Catalog, name: str) -> str:
+    with pytest.raises(InvalidRequest) as info:
+        catalog.resolve(name)
+    return info.value.message

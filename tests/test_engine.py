@@ -285,3 +285,48 @@ def test_hub_id_offline_raises_helpful_model_load_error(
 
     # A failed load leaves the engine usable.
     assert images_of(engine, make_request())[0].size == (64, 64)
+
+
+# -- the engine's own safety checker ------------------------------------------------------------
+
+
+def test_one_safety_checker_judges_the_images_of_every_model(model_cache: Path) -> None:
+    """`Engine(safety_checker=...)` sees each batch's decoded images once, whatever the model
+    (the tiny ones have no checker of their own), and its verdicts come with the images."""
+    from bot.catalog import BUILTIN_TINY_INPAINT
+
+    seen: list[list[bytes]] = []
+
+    def every_other(images: list[Image.Image]) -> list[bool]:
+        seen.append([pixels(image) for image in images])
+        return [i % 2 == 0 for i in range(len(images))]
+
+    engine = Engine(
+        device="cpu", dtype="float32", cache_dir=model_cache, safety_checker=every_other
+    )
+    for model in (BUILTIN_TINY, BUILTIN_TINY_INPAINT):
+        result = engine.generate([make_request(model=model, count=3)])[0]
+        assert result.nsfw == [True, False, True]
+        assert seen[-1] == [pixels(image) for image in result.images]  # unaltered, in order
+    assert len(seen) == 2
+    # Without one, a model without its own checker flags nothing; the images are the same.
+    plain = Engine(device="cpu", dtype="float32", cache_dir=model_cache)
+    result = plain.generate([make_request(count=3)])[0]
+    assert result.nsfw == [False, False, False]
+    assert [pixels(image) for image in result.images] == seen[0]
+
+
+@pytest.mark.parametrize("verdicts", ["raises", "too few"])
+def test_a_failing_safety_checker_fails_the_job_rather_than_pass_an_image(
+    model_cache: Path, verdicts: str
+) -> None:
+    def broken(images: list[Image.Image]) -> list[bool]:
+        if verdicts == "raises":
+            raise RuntimeError("classifier weights missing")
+        return [False] * (len(images) - 1)
+
+    engine = Engine(device="cpu", dtype="float32", cache_dir=model_cache, safety_checker=broken)
+    with pytest.raises(GenerationFailed, match="Image generation failed unexpectedly"):
+        engine.generate([make_request(count=2)])
+    engine.safety_checker = None  # settable; the engine stays usable
+    assert engine.generate([make_request(count=2)])[0].nsfw == [False, False]

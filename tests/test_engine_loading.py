@@ -262,3 +262,97 @@ def test_paths_are_scrubbed_from_what_diffusers_and_the_os_say() -> None:
     started = time.perf_counter()
     scrub_paths("/" * 200_000 + "a/" * 200_000)
     assert time.perf_counter() - started < 0.5  # linear on any text
+
+
+# -- Hub models that cannot load here: refused before anything is evicted ----------------------
+
+HUB_CATALOG = """
+[models.tiny]
+source = "builtin:tiny"
+native_size = 64
+
+[models.remote]
+source = "sdbot-test/not-downloaded"
+"""
+
+
+@pytest.fixture
+def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty Hugging Face cache, so a model someone happens to have cached changes nothing."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def offline(monkeypatch: pytest.MonkeyPatch, value: bool) -> None:
+    import huggingface_hub.constants
+
+    # huggingface_hub reads the variable at import; the engine heeds it as set now too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if value else "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", value)
+
+
+def test_a_hub_model_not_downloaded_offline_leaves_the_loaded_model_loaded(
+    model_cache: Path, hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    offline(monkeypatch, True)
+    (tmp_path / "models.toml").write_text(HUB_CATALOG)
+    catalog = Catalog.load(tmp_path / "models.toml", tmp_path / "loras")
+    records: list[LoadRecord] = []
+    engine = Engine(
+        device="cpu",
+        dtype="float32",
+        cache_dir=model_cache,
+        catalog=catalog,
+        max_loaded=1,
+        on_load=records.append,
+    )
+    pipe = engine.load("tiny")
+
+    with pytest.raises(ModelLoadError) as info:
+        engine.generate([make("remote")])
+    # Not evicted, so not reloaded: the same pipeline, one successful load in all.
+    assert engine.loaded_models == ["tiny"]
+    assert engine.load("tiny") is pipe
+    message = info.value.message
+    assert message.startswith(
+        "Model `remote` (`sdbot-test/not-downloaded`) is not downloaded yet and the Hugging "
+        "Face Hub cannot be reached."
+    )
+    assert [(r.model, r.ok, r.error) for r in records] == [
+        ("tiny", True, None),
+        ("remote", False, message),
+    ]
+    # The fronts can tell before anyone picks it.
+    assert engine.available("remote") == message
+    assert engine.available("tiny") is None
+    assert engine.generate([make("tiny")])[0].images[0].size == (64, 64)
+
+
+def test_an_unreachable_hub_is_found_out_before_the_loaded_model_is_evicted(
+    model_cache: Path, hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Online as far as the settings say, but the Hub does not answer: its small index is
+    asked for first, and that failure leaves the loaded model loaded."""
+    import huggingface_hub
+
+    offline(monkeypatch, False)
+    asked: list[str] = []
+
+    def no_route(repo_id: str, filename: str, **kwargs: object) -> str:
+        asked.append(f"{repo_id}/{filename}")
+        raise ConnectionError("no route to huggingface.co")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_route)
+    (tmp_path / "models.toml").write_text(HUB_CATALOG)
+    catalog = Catalog.load(tmp_path / "models.toml", tmp_path / "loras")
+    engine = Engine(device="cpu", dtype="float32", cache_dir=model_cache, catalog=catalog)
+    engine.load("tiny")
+    assert engine.available("remote") is None  # for all it can tell offline: downloadable
+    with pytest.raises(ModelLoadError, match="cannot be reached"):
+        engine.load("remote")
+    assert asked == ["sdbot-test/not-downloaded/model_index.json"]
+    assert engine.loaded_models == ["tiny"]

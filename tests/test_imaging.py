@@ -306,3 +306,47 @@ def test_parse_size_and_loras_as_members_type_them() -> None:
 
 def test_default_strengths_are_the_slash_commands_ones() -> None:
     assert DEFAULT_STRENGTH == {"img2img": 0.6, "inpaint": 0.9}
+
+
+@pytest.mark.parametrize("where", ["before the pixels", "after the pixels", "as pixel data"])
+def test_a_png_of_a_million_empty_chunks_is_refused_at_once(where: str) -> None:
+    """12 MB that Pillow would walk chunk by chunk for seconds (decoding it in the end)."""
+    import time
+
+    from tests.test_png_parameters import chunk, tiny_png
+
+    empty = chunk(b"IDAT" if where == "as pixel data" else b"prVt", b"") * 1_000_000
+    data = tiny_png(after_pixels=empty) if where == "after the pixels" else tiny_png(empty)
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest, match=r"^The mask is a PNG with more than 4096 chunks"):
+        decode_attachment(data, max_bytes=20 * MB, max_pixels=4096 * 4096, what="mask")
+    assert time.perf_counter() - started < 0.5
+
+
+def test_real_pngs_with_many_pixel_chunks_or_text_chunks_still_decode() -> None:
+    import random
+    import struct
+    import zlib
+
+    from tests.test_png_parameters import chunk
+
+    noise = Image.frombytes("RGB", (1200, 1200), random.Random(7).randbytes(1200 * 1200 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG")
+    png = buf.getvalue()
+    # The same pixels in 1 KB IDAT chunks (over 4000 of them), after 200 text chunks.
+    pixels, pos, head = b"", 8, b""
+    while pos < len(png):
+        (length,) = struct.unpack_from(">I", png, pos)
+        kind, body = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        if kind == b"IDAT":
+            pixels += body
+        elif kind == b"IHDR":
+            head = png[pos : pos + 12 + length]
+        pos += 12 + length
+    texts = b"".join(chunk(b"tEXt", b"Comment\0%d" % i) for i in range(200))
+    parts = [chunk(b"IDAT", pixels[i : i + 1024]) for i in range(0, len(pixels), 1024)]
+    assert len(parts) > 4096 and zlib.decompress(pixels)
+    rebuilt = png[:8] + head + texts + b"".join(parts) + chunk(b"IEND", b"")
+    decoded = decode_attachment(rebuilt, max_bytes=20 * MB, max_pixels=4096 * 4096)
+    assert decoded.tobytes() == noise.tobytes()

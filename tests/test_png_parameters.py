@@ -207,3 +207,21 @@ def test_damaged_or_foreign_data_gives_none() -> None:
     assert read_parameters(tiny_png(chunk(b"iTXt", b"parameters\0\1"))) is None
     assert read_parameters(b"GIF89a" + good[8:]) is None
     assert read_parameters(b"") is None
+
+
+def test_chunks_besides_the_pixels_are_counted_up_to_a_limit() -> None:
+    from bot.png_parameters import MAX_PNG_CHUNKS, too_many_chunks
+
+    empty = chunk(b"prVt", b"")
+    # IHDR and the 8x8 image's one small IDAT count as well: MAX_PNG_CHUNKS in all, then one more.
+    assert not too_many_chunks(tiny_png(empty * (MAX_PNG_CHUNKS - 10), after_pixels=empty * 8))
+    assert too_many_chunks(tiny_png(empty * (MAX_PNG_CHUNKS - 9), after_pixels=empty * 8))
+    assert too_many_chunks(tiny_png(after_pixels=empty * MAX_PNG_CHUNKS))
+    assert too_many_chunks(tiny_png(chunk(b"IDAT", b"") * MAX_PNG_CHUNKS))  # empty pixel data
+    # Large pixel data chunks are not counted: their number is bounded by the file's size.
+    big_data = tiny_png(after_pixels=chunk(b"fdAT", bytes(1024)) * (MAX_PNG_CHUNKS + 1))
+    assert not too_many_chunks(big_data)
+    assert not too_many_chunks(b"GIF89a" + empty * (MAX_PNG_CHUNKS + 1))  # not a PNG
+    data = tiny_png(empty * 1_000_000)
+    result, seconds = timed(lambda: too_many_chunks(data))
+    assert result is True and seconds < FAST

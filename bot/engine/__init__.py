@@ -14,7 +14,8 @@ The package, in the order `Engine.generate` uses it:
 - `loading` (+ `sources`): locating and loading models, the LRU of loaded ones, load records.
 - `adapters`: LoRAs and textual-inversion embeddings.
 - `prompts`: prompt encoding, long prompts in 75-token chunks.
-- `denoise`: the pipeline calls of a batch, VAE decoding and the safety checker.
+- `denoise`: the pipeline calls of a batch, VAE decoding and the safety check (the model's own
+  checker, or one `Engine(safety_checker=...)` shared by all models).
 - `results`: what comes back (`GenerationResult`, `StepInfo` with previews, `LoadRecord`).
 - `device`: device and dtype, out-of-memory detection and freeing memory.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from bot.catalog import BUILTIN_TINY
 from bot.engine.adapters import MAX_CACHED_LORAS
+from bot.engine.denoise import SafetyChecker
 from bot.engine.device import resolve_device, resolve_dtype
 from bot.engine.engine import Engine
 from bot.engine.results import GenerationResult, LoadRecord, StepInfo, latents_preview
@@ -35,6 +37,7 @@ __all__ = [
     "Engine",
     "GenerationResult",
     "LoadRecord",
+    "SafetyChecker",
     "StepInfo",
     "latents_preview",
     "resolve_device",

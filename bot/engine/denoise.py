@@ -91,10 +91,36 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     return out
 
 
+#: A safety check shared by every model: the decoded images of one batch in, one verdict per
+#: image out (True: NSFW). Called on the GPU thread; it may use the GPU.
+SafetyChecker = Callable[[list[Image.Image]], Sequence[bool]]
+
+
 def safety_flags(
+    pipe: Any,
+    images: list[Image.Image],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    checker: SafetyChecker | None = None,
+) -> list[bool]:
+    """Per image: flagged by `checker` when one is given, else by the model's own safety
+    checker (all False when it has none)."""
+    if checker is not None:
+        if not images:
+            return []
+        # A copy of the list: a checker that drops or reorders must not touch our images.
+        flags = [bool(flag) for flag in checker(list(images))]
+        if len(flags) != len(images):
+            # Better no image than an unchecked one: the job fails (GenerationFailed).
+            raise ValueError(f"the safety checker gave {len(flags)} verdicts for {len(images)}")
+        return flags
+    return _pipeline_flags(pipe, images, device=device, dtype=dtype)
+
+
+def _pipeline_flags(
     pipe: Any, images: list[Image.Image], *, device: torch.device, dtype: torch.dtype
 ) -> list[bool]:
-    """Per image: flagged by the model's safety checker (all False when it has none)."""
     checker = getattr(pipe, "safety_checker", None)
     extractor = getattr(pipe, "feature_extractor", None)
     if checker is None or extractor is None or not images:

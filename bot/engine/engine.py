@@ -19,13 +19,14 @@ import torch
 
 from bot.catalog import Catalog
 from bot.engine.adapters import Adapters
-from bot.engine.denoise import decode_latents, denoise, safety_flags
+from bot.engine.denoise import SafetyChecker, decode_latents, denoise, safety_flags
 from bot.engine.device import free_memory, is_oom, resolve_device, resolve_dtype
 from bot.engine.loading import LoadedModel, LoadedModels, native_size
 from bot.engine.prompts import encode_prompt
 from bot.engine.results import GenerationResult, LoadRecord, StepInfo
 from bot.errors import GenerationFailed, GpuOutOfMemory, InvalidRequest, SdbotError
 from bot.jobs import GenerationRequest
+from bot.model_sources import availability
 from bot.samplers import DEFAULT as DEFAULT_SCHEDULER
 from bot.samplers import make_scheduler, scheduler_label
 
@@ -53,6 +54,7 @@ class Engine:
         max_loaded: int = 1,
         on_load: Callable[[LoadRecord], None] | None = None,
         exact_batches: bool | None = None,
+        safety_checker: SafetyChecker | None = None,
     ) -> None:
         self.device: torch.device = resolve_device(device)
         self.dtype: torch.dtype = resolve_dtype(dtype, self.device)
@@ -74,6 +76,10 @@ class Engine:
         #: on CUDA the batched UNet is the point of batching, and images then match solo runs
         #: to within rounding. The VAE and text encoder always run one image at a time.
         self.exact_batches = self.device.type != "cuda" if exact_batches is None else exact_batches
+        #: Judges the images of every model (None: each model's own checker, where it has one).
+        #: One checker for all: most fine-tunes and every SDXL model ship without one, and a
+        #: server's NSFW policy should not depend on which model a member picked.
+        self.safety_checker = safety_checker
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -103,6 +109,11 @@ class Engine:
 
     def is_loaded(self, model: str) -> bool:
         return self.models.is_loaded(model)
+
+    def available(self, model: str) -> str | None:
+        """None when `model` can be loaded on this machine, else why not (for members).
+        Cheap and offline; see `bot.model_sources.availability`."""
+        return availability(self.catalog, model)
 
     def load(self, model: str) -> Any:
         """The txt2img pipeline of `model` (a catalog name or a source), loading it if needed."""
@@ -168,8 +179,10 @@ class Engine:
                 # 8. Decode the latents
                 images = [image for batch in latents for image in decode_latents(pipe, batch)]
 
-                # 9. Run the safety checker
-                nsfw = safety_flags(pipe, images, device=self.device, dtype=self.dtype)
+                # 9. Run the safety checker (ours, else the model's)
+                nsfw = safety_flags(
+                    pipe, images, device=self.device, dtype=self.dtype, checker=self.safety_checker
+                )
 
         # 10. Hand each request its images
         return _per_request(requests, images, nsfw, sampler)

@@ -1,9 +1,10 @@
 """Loading catalog models and keeping the most recently used ones in memory (an LRU).
 
-A model's source is located first (`bot.engine.sources`), so a typo is refused before a loaded
-model is evicted. Every attempt, failed ones included, is reported as a `LoadRecord`. One
-loaded model serves all three modes: the img2img and inpaint pipelines are built from the
-txt2img one's modules, sharing its weights.
+A model's source is located first (`bot.engine.sources`): a typo, a missing file or a Hub
+model that is neither downloaded nor reachable is refused before a loaded model is evicted.
+Every attempt, failed ones included, is reported as a `LoadRecord`. One loaded model serves all
+three modes: the img2img and inpaint pipelines are built from the txt2img one's modules,
+sharing its weights.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class LoadedModels:
             return loaded
         started = time.perf_counter()
         try:
-            # Reject bad sources before evicting anything, so a typo costs nothing.
+            # Reject what cannot load before evicting anything, so a typo (or a Hub model that
+            # is not downloaded, offline) leaves the loaded models loaded.
             kind, location = locate(entry, self.cache_dir)
             while len(self._models) >= self.max_loaded:
                 # Free before loading: two SD models may not fit in VRAM together.

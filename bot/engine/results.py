@@ -65,7 +65,8 @@ class GenerationResult:
 
     images: list[Image.Image]
     seeds: list[int]
-    #: Per image: flagged by the model's safety checker (all False when it has none).
+    #: Per image: flagged by the engine's safety checker, else by the model's own (all False
+    #: when there is none).
     #: Images are returned unaltered; the front end blurs, spoilers or blocks by policy.
     nsfw: list[bool]
     #: The A1111 sampler name for the PNG `Sampler:` field.

@@ -2,103 +2,65 @@
 
 A catalog source is the built-in tiny model, a local diffusers folder, a single-file
 checkpoint (.safetensors/.ckpt, with an optional local config folder), or a Hugging Face Hub
-id. `locate` checks it without reading weights, so a typo is refused before a loaded model is
-evicted; `load_error` turns what diffusers raised into a message that names the fix. Members
-see these messages: they name the model, never a file on the server (the log has the paths).
+id. `locate` checks it without reading weights (`bot.model_sources`, the same check the fronts
+list availability with), builds the tiny model, and asks the Hub for a model not downloaded
+yet, so a model that cannot load is refused before a loaded model is evicted; `load_error`
+turns what diffusers raised into a message that names the fix. Members see these messages:
+they name the model, never a file on the server (the log has the paths).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import re
 from pathlib import Path
 
-from bot.catalog import BUILTIN_TINY, BUILTIN_TINY_INPAINT, ModelEntry, is_hub_id
+from bot.catalog import BUILTIN_TINY_INPAINT, ModelEntry
 from bot.errors import ModelLoadError
+from bot.model_sources import hub_cached, hub_unreachable, locate_source
 from bot.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
 
 def locate(entry: ModelEntry, cache_dir: Path) -> tuple[str, str]:
-    """(kind, location): kind is "folder", "hub" or "single_file".
+    """(kind, location): kind is "folder", "hub" or "single_file". Checked before a loaded
+    model is evicted for this one, so a model that cannot load leaves the loaded ones be.
 
     Members see these errors: they name the model, never a path on the server (the log and,
     through the error's cause, the job's row have it).
     """
-    name = entry.public_name
-    source = entry.source.strip()
-    if source in (BUILTIN_TINY, BUILTIN_TINY_INPAINT):
+    try:
+        kind, location = locate_source(entry)
+    except ModelLoadError as exc:
+        log.error("model %s cannot be loaded: %s", entry.name, exc.__cause__ or exc.message)
+        raise
+    if kind == "builtin":
         try:
-            folder = ensure_tiny_model(cache_dir, inpainting=source == BUILTIN_TINY_INPAINT)
+            folder = ensure_tiny_model(cache_dir, inpainting=location == BUILTIN_TINY_INPAINT)
         except Exception as exc:
-            log.error("building %s in %s failed", source, cache_dir, exc_info=exc)
+            log.error("building %s in %s failed", location, cache_dir, exc_info=exc)
             raise ModelLoadError(
-                f"Could not build the built-in tiny model `{name}` in the cache folder "
-                f"({public_error(exc, cache_dir)}). Is SDBOT_CACHE_DIR writable? The log has "
-                "the details."
+                f"Could not build the built-in tiny model `{entry.public_name}` in the cache "
+                f"folder ({public_error(exc, cache_dir)}). Is SDBOT_CACHE_DIR writable? The "
+                "log has the details."
             ) from exc
         return "folder", str(folder)
-    if source.startswith("builtin:"):
-        raise ModelLoadError(
-            f"Unknown built-in model `{source}`; the built-in ones are `{BUILTIN_TINY}` "
-            f"and `{BUILTIN_TINY_INPAINT}`."
-        )
-    path = Path(source).expanduser()
-    if entry.is_single_file:
-        if not path.is_file():
-            raise _refused(
-                entry,
-                FileNotFoundError(errno.ENOENT, "no checkpoint file", str(path.absolute())),
-                f"The checkpoint file of model `{name}` does not exist. Fix its `source` in the "
-                "model catalog (the log names the path).",
-            )
-        if entry.config is not None:
-            config = Path(entry.config).expanduser()
-            if not (config / "model_index.json").is_file():
-                raise _refused(
-                    entry,
-                    FileNotFoundError(errno.ENOENT, "no config", str(config / "model_index.json")),
-                    f"The `config` folder of model `{name}` is not a diffusers folder (no "
-                    "model_index.json). Point it at a diffusers copy of the same architecture, "
-                    "e.g. `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --exclude "
-                    "'*.safetensors' '*.bin' --local-dir <folder>`.",
-                )
-        return "single_file", str(path)
-    if path.exists():
-        if not path.is_dir():
-            raise _refused(
-                entry,
-                NotADirectoryError(errno.ENOTDIR, "not a folder", str(path.absolute())),
-                f"The source of model `{name}` is a file, not a diffusers model folder.",
-            )
-        if not (path / "model_index.json").is_file():
-            raise _refused(
-                entry,
-                FileNotFoundError(errno.ENOENT, "no model index", str(path / "model_index.json")),
-                f"The folder of model `{name}` is not a diffusers model folder: it has no "
-                "model_index.json.",
-            )
-        return "folder", str(path)
-    # An existing folder wins over a Hub id of the same spelling (e.g. `models/sd15`).
-    if is_hub_id(source):
-        return "hub", source
-    raise _refused(
-        entry,
-        FileNotFoundError(errno.ENOENT, "no model folder", str(path.absolute())),
-        f"The model folder of model `{name}` does not exist. Point its source at an existing "
-        f"diffusers folder, a Hugging Face id like `owner/name`, or `{BUILTIN_TINY}` (the log "
-        "names the path).",
-    )
+    if kind == "hub" and not hub_cached(location):
+        _reach_hub(entry)
+    return kind, location
 
 
-def _refused(entry: ModelEntry, cause: OSError, message: str) -> ModelLoadError:
-    """`message` for members; the path in the log, and in the cause the job's row records."""
-    log.error("model %s cannot be loaded: %s", entry.name, cause)
-    error = ModelLoadError(message)
-    error.__cause__ = cause
-    return error
+def _reach_hub(entry: ModelEntry) -> None:
+    """Fetch the model's small model_index.json: proof, before anything is evicted, that the
+    Hub answers and has the model (a typo, a gated or a private model fail here)."""
+    # Lazy: huggingface_hub comes with diffusers, which only the worker thread imports.
+    import huggingface_hub
+
+    try:
+        huggingface_hub.hf_hub_download(entry.source.strip(), "model_index.json")
+    except Exception as exc:
+        raise load_error(entry, "hub", entry.source, exc) from exc
 
 
 def short_error(exc: BaseException, limit: int = 160) -> str:
@@ -144,7 +106,7 @@ def load_error(entry: ModelEntry, kind: str, location: str, exc: Exception) -> M
     `location`: the model's name, what diffusers said without its paths, and the fix."""
     if kind == "hub":
         log.warning("loading hub model %s failed: %s", entry.source, short_error(exc, 400))
-        return ModelLoadError(_hub_error_message(entry.source, exc))
+        return ModelLoadError(_hub_error_message(entry, exc))
     log.error("loading model %s from %s failed", entry.name, location, exc_info=exc)
     if kind == "single_file":
         hint = (
@@ -175,15 +137,17 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _hub_error_message(source: str, exc: BaseException) -> str:
+def _hub_error_message(entry: ModelEntry, exc: BaseException) -> str:
     # Lazy: huggingface_hub comes with diffusers, which only the worker thread imports.
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
+    source = entry.source.strip()
     chain = _exception_chain(exc)
     # diffusers wraps everything in one OSError; the root cause says which fix applies.
     if any(isinstance(e, GatedRepoError) for e in chain):
@@ -196,6 +160,12 @@ def _hub_error_message(source: str, exc: BaseException) -> str:
         return (
             f"Model `{source}` was not found on the Hugging Face Hub. Check the spelling "
             "(it looks like `owner/name`), or log in with `hf auth login` if it is private."
+        )
+    if any(isinstance(e, RemoteEntryNotFoundError) for e in chain):
+        return (
+            f"Model `{source}` on the Hugging Face Hub is not a diffusers model (it has no "
+            "model_index.json). Pick a repository in the diffusers format, or download the "
+            "checkpoint and set the model source to the .safetensors file."
         )
     offline = any(
         isinstance(
@@ -211,12 +181,7 @@ def _hub_error_message(source: str, exc: BaseException) -> str:
         for e in chain
     )
     if offline or "not fully cached locally" in str(exc) or "cached snapshot" in str(exc):
-        return (
-            f"Model `{source}` is not downloaded yet and the Hugging Face Hub cannot be reached. "
-            "Connect this machine to the internet once so it can be downloaded (it is cached "
-            f"after that), or download it elsewhere with `hf download {source} --local-dir "
-            "<folder>` and set the model source to that local folder."
-        )
+        return hub_unreachable(entry)
     return (
         f"Model `{source}` could not be loaded from the Hugging Face Hub ({public_error(exc)}). "
         "Check the id, or download it and set the model source to the local folder."

@@ -1,0 +1,143 @@
+"""The server's NSFW policy, end to end: the real bot on the local Discord server, with an engine
+whose safety checker flags every image it makes, and an admin choosing allow / spoiler / block
+with `/config set` as in Discord. In a channel marked NSFW the policy is lifted, unless the
+admin turns `nsfw_channels_allow` off."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bench.harness import Harness, running_bot
+from bot.engine import Engine
+from bot.localdiscord.client import ControlClient
+from bot.localdiscord.server import LocalDiscord
+from bot.settings import Settings
+
+BLOCKED = "🔞 The image was flagged as NSFW and this server blocks those."
+
+
+def flag_everything(images: list[Image.Image]) -> list[bool]:
+    assert all(image.size == (64, 64) for image in images)  # the decoded images themselves
+    return [True] * len(images)
+
+
+@pytest.fixture(scope="module")
+def engine(model_cache: Path) -> Engine:
+    """Replaces conftest's engine here: the tiny model, every image it makes flagged."""
+    return Engine(
+        device="cpu", dtype="float32", cache_dir=model_cache, safety_checker=flag_everything
+    )
+
+
+@pytest.fixture
+async def harness(settings: Settings, engine: Engine) -> AsyncIterator[Harness]:
+    """The bot on a server whose second channel is marked NSFW before the bot connects: the
+    bot learns a channel's flag from the guild's channels in GUILD_CREATE, as from Discord."""
+    server = LocalDiscord()
+    await server.start()
+    try:
+        second = list(server.world.channels.values())[1]
+        second["nsfw"] = True
+        async with running_bot(settings, engine=engine, server=server) as h:
+            yield h
+    finally:
+        await server.close()
+
+
+def channels(h: Harness) -> tuple[int, int]:
+    """(an ordinary channel, the NSFW one)."""
+    general, nsfw = (int(cid) for cid in h.server.world.channels)
+    assert not h.server.world.channels[general]["nsfw"] and h.server.world.channels[nsfw]["nsfw"]
+    return general, nsfw
+
+
+async def admin_sets(c: ControlClient, key: str, value: str) -> None:
+    admin = await c.admin_id()
+    sent = await c.slash("config set", {"key": key, "value": value}, user_id=admin)
+    reply = await c.wait_for_message(
+        lambda m: m.get("interaction_metadata", {}).get("id") == sent["interaction"]["id"],
+        viewer=admin,
+    )
+    assert f"`{key}` is now **{value}**" in reply["content"].lower(), reply["content"]
+
+
+async def imagine(c: ControlClient, channel_id: int | None = None) -> dict[str, Any]:
+    """A member's /imagine, and the result message the bot posted for it."""
+    member = await c.member_id()
+    sent = await c.slash(
+        "imagine", {"prompt": "a fox", "steps": 1}, user_id=member, channel_id=channel_id
+    )
+    result = await c.wait_for_message(
+        lambda m: (
+            m.get("interaction_metadata", {}).get("id") == sent["interaction"]["id"]
+            and "seed `" in m["content"]
+        ),
+        channel_id=channel_id,
+        viewer=member,
+    )
+    assert not result["flags"] & 64  # posted for the channel to see, not ephemeral
+    assert result["content"].startswith(f"<@{member}> **a fox**")
+    return result
+
+
+async def posted_image(c: ControlClient, message: dict[str, Any]) -> str:
+    """The name of the message's one image file, after checking it is a whole PNG."""
+    (attachment,) = message["attachments"]
+    with Image.open(io.BytesIO(await c.download(attachment))) as image:
+        assert (image.format, image.size) == ("PNG", (64, 64))
+        assert "a fox" in image.info["parameters"]
+    return str(attachment["filename"])
+
+
+async def test_flagged_images_follow_the_policy_the_admin_sets(harness: Harness) -> None:
+    c = harness.control
+
+    # The default policy: the image behind a spoiler (discord.py names the file SPOILER_...).
+    spoilered = await imagine(c)
+    assert (await posted_image(c, spoilered)).startswith("SPOILER_sdbot_")
+    assert BLOCKED not in spoilered["content"]
+
+    await admin_sets(c, "nsfw_policy", "allow")
+    plain = await imagine(c)
+    assert (await posted_image(c, plain)).startswith("sdbot_")
+    assert BLOCKED not in plain["content"]
+
+    await admin_sets(c, "nsfw_policy", "block")
+    blocked = await imagine(c)
+    assert blocked["attachments"] == []
+    assert BLOCKED in blocked["content"]  # the member learns why there is no image
+    # Nor is the image in any other message of that job (progress previews are not it).
+    job = blocked["interaction_metadata"]["id"]
+    files = [
+        a["filename"]
+        for m in await c.messages()
+        if m.get("interaction_metadata", {}).get("id") == job
+        for a in m["attachments"]
+    ]
+    assert not [name for name in files if "sdbot_" in name], files
+
+    await admin_sets(c, "nsfw_policy", "spoiler")
+    assert (await posted_image(c, await imagine(c))).startswith("SPOILER_sdbot_")
+
+
+async def test_an_nsfw_channel_lifts_the_policy_unless_the_admin_turns_that_off(
+    harness: Harness,
+) -> None:
+    c = harness.control
+    general, nsfw = channels(harness)
+    await admin_sets(c, "nsfw_policy", "block")
+
+    assert BLOCKED in (await imagine(c, general))["content"]
+    lifted = await imagine(c, nsfw)
+    assert (await posted_image(c, lifted)).startswith("sdbot_")  # plain: not even a spoiler
+    assert BLOCKED not in lifted["content"]
+
+    await admin_sets(c, "nsfw_channels_allow", "false")
+    kept = await imagine(c, nsfw)
+    assert kept["attachments"] == [] and BLOCKED in kept["content"]
