@@ -1,7 +1,13 @@
-"""Per-server settings: declared once here with their defaults, read through one cached API."""
+"""Per-server settings: declared once here with their defaults, read through one cached API.
+
+A few settings are bounded by the bot's owner (`GuildConfigs(..., user_queue_limit=)`, from
+SDBOT_USER_QUEUE_LIMIT): the owner's value is their default and their ceiling, so a server
+may lower it but never raise it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +30,8 @@ class Spec:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    #: Said after the range when a value is out of it, e.g. who set the maximum.
+    why_range: str = ""
 
     def parse(self, key: str, text: str) -> Any:
         text = text.strip()
@@ -44,7 +52,7 @@ class Spec:
                 self.maximum is not None and value > self.maximum
             ):
                 raise InvalidRequest(
-                    f"{key} must be between {self.minimum:g} and {self.maximum:g}."
+                    f"{key} must be between {self.minimum:g} and {self.maximum:g}.{self.why_range}"
                 )
             return value
         if self.kind is list:
@@ -80,6 +88,9 @@ SPECS: dict[str, Spec] = {
     "nsfw_channels_allow": Spec(bool, True, "NSFW-marked channels lift the NSFW policy"),
 }
 
+#: Settings the bot's owner bounds, and where the owner sets the bound.
+CEILING_SOURCES = {"user_queue_cap": "SDBOT_USER_QUEUE_LIMIT"}
+
 
 @dataclass(frozen=True)
 class GuildConfig:
@@ -99,24 +110,46 @@ class GuildConfig:
 class GuildConfigs:
     """Reads settings through a cache; every write goes through here and invalidates it."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, user_queue_limit: int | None = None) -> None:
         self.db = db
         self._cache: dict[int, GuildConfig] = {}
+        #: Setting -> the owner's value, which is both its default and its maximum here.
+        self.ceilings: dict[str, int] = {}
+        if user_queue_limit is not None:
+            self.ceilings["user_queue_cap"] = user_queue_limit
+
+    def spec(self, key: str) -> Spec:
+        """The declared spec of `key` with the owner's ceiling applied (KeyError if none)."""
+        spec = SPECS[key]
+        ceiling = self.ceilings.get(key)
+        if ceiling is None:
+            return spec
+        why = f" {ceiling} is the most this bot's owner allows ({CEILING_SOURCES[key]})."
+        return dataclasses.replace(spec, default=ceiling, maximum=ceiling, why_range=why)
+
+    def defaults(self) -> dict[str, Any]:
+        """Every setting's value where a server changed none."""
+        return {key: self.spec(key).default for key in SPECS}
+
+    def _bounded(self, key: str, value: Any) -> Any:
+        # A value stored before the owner lowered the ceiling counts as the ceiling.
+        ceiling = self.ceilings.get(key)
+        return value if ceiling is None else min(value, ceiling)
 
     def invalidate(self, guild_id: int) -> None:
         self._cache.pop(guild_id, None)
 
     async def get(self, guild_id: int | None) -> GuildConfig:
         if guild_id is None:  # DMs: the declared defaults, nothing stored
-            return GuildConfig(None, {k: s.default for k, s in SPECS.items()})
+            return GuildConfig(None, self.defaults())
         cached = self._cache.get(guild_id)
         if cached is not None:
             return cached
         stored = await self.db.guild_settings(guild_id)
-        values = {k: s.default for k, s in SPECS.items()}
+        values = self.defaults()
         for key, raw in stored.items():
             if key in SPECS:
-                values[key] = json.loads(raw)
+                values[key] = self._bounded(key, json.loads(raw))
         config = GuildConfig(
             guild_id,
             values,
@@ -129,9 +162,9 @@ class GuildConfigs:
 
     async def set(self, guild_id: int, key: str, text: str | None, *, by: int) -> Any:
         """Parse, store and audit one setting (None resets it); returns the new value."""
-        spec = SPECS.get(key)
-        if spec is None:
+        if key not in SPECS:
             raise InvalidRequest(f"There is no setting {key!r}. Settings: {', '.join(SPECS)}.")
+        spec = self.spec(key)
         value = spec.default if text is None else spec.parse(key, text)
         await self.db.set_guild_setting(
             guild_id, key, None if text is None else json.dumps(value), by=by

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from bot.backend import JobOrigin
 from bot.db import MIGRATIONS, Database
 
 ORIGIN = JobOrigin(user_id=1, user_name="ann", guild_id=2, channel_id=3, command="imagine")
+SHA_A, SHA_B, SHA_C = (hashlib.sha256(s).hexdigest() for s in (b"a", b"b", b"c"))
 
 
 async def test_migrations_create_the_schema_with_wal(tmp_path: Path) -> None:
@@ -95,6 +97,9 @@ async def test_migrating_from_every_earlier_version_keeps_the_rows(
         # The newest tables exist and work.
         await db.ban(5, 6, "r", by=1)
         assert await db.ban_reason(5, 6) == "r"
+        await db.record_inputs(row["id"], [("image", "https://cdn.discordapp.com/a", SHA_A)])
+        assert await db.input_for_url("https://cdn.discordapp.com/a") == SHA_A
+        assert await db.inputs_of(row["id"]) == {"image": SHA_A}
 
 
 async def test_usage_and_quota_queries(tmp_path: Path) -> None:
@@ -164,3 +169,60 @@ def test_the_allow_list_holds_under_python_dash_o(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_input_pictures_are_named_by_hash_and_looked_up_by_url(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "x.db") as db:
+        assert db.inputs is not None and db.inputs.root == tmp_path / "inputs"
+        first = await db.create_job(ORIGIN, {"prompt": "p"})
+        rerun = await db.create_job(ORIGIN, {"prompt": "p"})
+        await db.record_inputs(first, [("image", "u1", SHA_A), ("mask", "u2", SHA_B)])
+        await db.record_inputs(rerun, [("image", "u1", SHA_A)])
+        assert await db.inputs_of(first) == {"image": SHA_A, "mask": SHA_B}
+        assert await db.input_for_url("u2") == SHA_B
+        assert await db.input_for_url("never used") is None
+        # Retention turns hashes into paths: nothing else may be stored as one.
+        with pytest.raises(ValueError, match="SHA-256"):
+            await db.record_inputs(first, [("image", "u3", "../../etc/passwd")])
+        with pytest.raises(sqlite3.IntegrityError):
+            await db.record_inputs(first, [("thumbnail", "u3", SHA_C)])
+        with pytest.raises(sqlite3.IntegrityError):
+            await db.record_inputs(12345, [("image", "u3", SHA_C)])  # no such job
+    async with await Database.open(":memory:") as memory:
+        assert memory.inputs is None
+
+
+async def test_prune_returns_the_kept_pictures_no_remaining_row_uses(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "x.db") as db:
+        assert db.inputs is not None
+        old = await db.create_job(ORIGIN, {"prompt": "old"})
+        await db.mark_done(old, "finished")
+        await db.set_outputs(old, ["/out/old.png"])
+        await db.record_inputs(old, [("image", "u1", SHA_A), ("mask", "u2", SHA_B)])
+        older = await db.create_job(ORIGIN, {"prompt": "older"})
+        await db.mark_done(older, "finished")
+        await db.record_inputs(older, [("image", "u1", SHA_A)])
+        kept = await db.create_job(ORIGIN, {"prompt": "a rerun, still kept"})
+        await db.mark_done(kept, "finished")
+        await db.record_inputs(kept, [("image", "u1", SHA_A)])
+        running = await db.create_job(ORIGIN, {"prompt": "running"})
+        await db.record_inputs(running, [("image", "u3", SHA_C)])
+        await db.conn.execute(
+            "UPDATE jobs SET queued_at='2000-01-01T00:00:00.000Z' WHERE id IN (?, ?, ?)",
+            (old, older, running),
+        )
+        await db.conn.commit()
+
+        count, files = await db.prune("2001-01-01T00:00:00.000Z")
+        # A is still used by the kept rerun, C by a job that is not finished: only B goes.
+        assert count == 2
+        assert sorted(files) == sorted(["/out/old.png", str(db.inputs.path(SHA_B))])
+        assert [r["id"] for r in await db.list_jobs()] == [running, kept]
+        assert await db.inputs_of(old) == {} and await db.inputs_of(kept) == {"image": SHA_A}
+
+        await db.mark_done(running, "finished")
+        await db.conn.execute("UPDATE jobs SET queued_at='2000-01-01T00:00:00.000Z'")
+        await db.conn.commit()
+        count, files = await db.prune("2001-01-01T00:00:00.000Z")
+        assert count == 2
+        assert sorted(files) == sorted(str(db.inputs.path(h)) for h in (SHA_A, SHA_C))

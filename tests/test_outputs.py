@@ -1,4 +1,5 @@
-"""Saved outputs and retention: PNGs kept on disk with their paths in the row, pruned later."""
+"""Files kept on disk: saved output PNGs with their paths in the row, pruned later, and the
+content-addressed store of input pictures."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from bench.harness import running_bot
 from bot.engine import Engine
 from bot.imaging import read_parameters
+from bot.input_store import InputStore, digest
 from bot.settings import Settings
 
 
@@ -35,3 +39,22 @@ async def test_outputs_are_saved_and_retention_prunes_rows_and_files(
     with sqlite3.connect(settings.db_path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone() == (0,)
     assert not any(p.exists() for p in paths)
+
+
+def test_input_pictures_are_kept_once_under_their_hash(tmp_path: Path) -> None:
+    store = InputStore.beside(tmp_path / "db" / "sdbot.db")
+    assert store is not None and store.root == tmp_path / "db" / "inputs"
+    data = b"\x89PNG picture bytes"
+    sha = digest(data)
+    assert store.get(sha) is None
+    path = store.put(sha, data)
+    assert path == store.root / sha[:2] / sha and store.get(sha) == data
+    assert store.put(sha, data) == path
+    assert [p.name for p in store.root.rglob("*")] == [sha[:2], sha]  # no temporary left
+    # A file that no longer matches its name is not trusted (the caller falls back to the URL).
+    path.write_bytes(b"damaged")
+    assert store.get(sha) is None
+    for bad in ("../../etc/passwd", sha.upper(), sha[:-1], sha + "/x"):
+        with pytest.raises(ValueError, match="SHA-256"):
+            store.path(bad)
+    assert InputStore.beside(":memory:") is None

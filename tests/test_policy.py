@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 from unittest.mock import AsyncMock
@@ -8,11 +9,18 @@ from unittest.mock import AsyncMock
 import discord
 import pytest
 
+from bot.db import Database
 from bot.discord_front import policy
-from bot.discord_front.policy import Refused, check_access, check_limits, check_prompt_lengths
+from bot.discord_front.policy import (
+    Refused,
+    check_access,
+    check_limits,
+    check_prompt_lengths,
+    user_queue_cap,
+)
 from bot.discord_front.services import Services
 from bot.errors import InvalidRequest
-from bot.guild_config import SPECS, GuildConfig
+from bot.guild_config import SPECS, GuildConfig, GuildConfigs
 from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
 
 
@@ -91,3 +99,44 @@ def test_spec_parsing() -> None:
         SPECS["max_steps"].parse("max_steps", "500")
     with pytest.raises(ValueError, match="one of allow, spoiler, block"):
         SPECS["nsfw_policy"].parse("nsfw_policy", "maybe")
+
+
+def with_queue_limit(limit: int) -> Services:
+    return cast(Services, SimpleNamespace(settings=SimpleNamespace(user_queue_limit=limit)))
+
+
+def test_the_owners_queue_limit_is_the_default_and_the_ceiling() -> None:
+    defaults = {k: s.default for k, s in SPECS.items()}
+    untouched = GuildConfig(1, defaults)
+    lowered = GuildConfig(
+        1, {**defaults, "user_queue_cap": 1}, overridden=frozenset({"user_queue_cap"})
+    )
+    raised = GuildConfig(
+        1, {**defaults, "user_queue_cap": 9}, overridden=frozenset({"user_queue_cap"})
+    )
+    # The declared default (5) is not the owner's: where a server set nothing, the owner's holds.
+    assert user_queue_cap(with_queue_limit(2), untouched) == 2
+    assert user_queue_cap(with_queue_limit(20), untouched) == 20
+    assert user_queue_cap(with_queue_limit(2), lowered) == 1
+    assert user_queue_cap(with_queue_limit(2), raised) == 2
+
+
+async def test_servers_may_set_the_queue_cap_only_up_to_the_owners_limit(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "x.db") as db:
+        # A value stored while the owner allowed more.
+        await GuildConfigs(db).set(1, "user_queue_cap", "9", by=7)
+        configs = GuildConfigs(db, user_queue_limit=2)
+        assert (await configs.get(1)).user_queue_cap == 2
+        assert (await configs.get(None)).user_queue_cap == 2
+        assert (await configs.get(3)).user_queue_cap == 2
+        with pytest.raises(InvalidRequest, match=r"2 is the most .*SDBOT_USER_QUEUE_LIMIT"):
+            await configs.set(1, "user_queue_cap", "3", by=7)
+        assert await configs.set(1, "user_queue_cap", "1", by=7) == 1
+        assert (await configs.get(1)).user_queue_cap == 1
+        assert await configs.set(1, "user_queue_cap", None, by=7) == 2
+        # Above the declared maximum (50) when the owner allows that many.
+        generous = GuildConfigs(db, user_queue_limit=80)
+        assert await generous.set(1, "user_queue_cap", "70", by=7) == 70
+        # Other settings keep their declared bounds.
+        with pytest.raises(InvalidRequest, match=r"between 1 and 150\.$"):
+            await configs.set(1, "max_steps", "500", by=7)

@@ -1,8 +1,9 @@
 """SQLite: numbered migrations, WAL, and the job rows every request leaves behind.
 
 `Database` is one connection with the queries of each kind of row mixed in: connection.py
-(opening, migrations, meta, time stamps), jobs.py (job rows, usage, model loads) and
-guilds.py (per-guild settings, lists, bans, quotas, audit). Import from here, not from those.
+(opening, migrations, meta, time stamps), jobs.py (job rows, their input pictures, usage,
+model loads) and guilds.py (per-guild settings, lists, bans, quotas, audit). Import from
+here, not from those.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from typing import Self
 
 import aiosqlite
 
+from bot.input_store import InputStore
+
 log = logging.getLogger(__name__)
 
 # Terminal states: a job row must end in one of these, never stay queued/running.
@@ -113,6 +115,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN outputs TEXT;
     """,
+    # The input pictures (and masks) a job used, by the hash they are kept under in the input
+    # store: reruns read them there once Discord's signed URL has expired, and retention
+    # deletes a file when the last row naming it goes.
+    """
+    CREATE TABLE job_inputs (
+        job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        role   TEXT NOT NULL CHECK (role IN ('image', 'mask')),
+        url    TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        PRIMARY KEY (job_id, role)
+    );
+    CREATE INDEX job_inputs_url ON job_inputs (url);
+    CREATE INDEX job_inputs_sha256 ON job_inputs (sha256);
+    """,
 )
 
 
@@ -129,8 +145,10 @@ def parse_stamp(value: str) -> datetime:
 class BaseDatabase:
     """One aiosqlite connection and its schema; the mixins share it as `self.conn`."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, inputs: InputStore | None = None) -> None:
         self.conn = conn
+        #: Where the input pictures its rows name are kept (None: not kept, for :memory:).
+        self.inputs = inputs
 
     @classmethod
     async def open(cls, path: Path | str) -> Self:
@@ -138,7 +156,7 @@ class BaseDatabase:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = await aiosqlite.connect(path)
         conn.row_factory = aiosqlite.Row
-        db = cls(conn)
+        db = cls(conn, InputStore.beside(path))
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=5000")

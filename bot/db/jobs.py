@@ -1,17 +1,18 @@
 """Job rows, one per request whatever became of it: created, rejected, running, done or
 interrupted by a restart; their parameters, Discord message and saved outputs; the usage and
-stats queries over them, retention, and the model-load log."""
+stats queries over them, the input pictures they used, retention, and the model-load log."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiosqlite
 
 from bot.backend import JobOrigin
 from bot.db.connection import FINAL_STATUSES, BaseDatabase, parse_stamp, utc_stamp
+from bot.input_store import is_sha256
 from bot.jobs import MAX_PROMPT_CHARS
 
 #: A refused request is stored as it came, so it is bounded here: it was never validated.
@@ -265,14 +266,58 @@ class JobsMixin(BaseDatabase):
         await self.conn.execute("UPDATE jobs SET outputs=? WHERE id=?", (json.dumps(paths), job_id))
         await self.conn.commit()
 
+    # -- input pictures -------------------------------------------------------------------------
+
+    async def record_inputs(self, job_id: int, inputs: Iterable[tuple[str, str, str]]) -> None:
+        """Name the input pictures a job used: (role, URL, SHA-256) with role image or mask."""
+        rows = [(job_id, role, url, sha256) for role, url, sha256 in inputs]
+        for _, _, _, sha256 in rows:
+            # Retention turns these into paths to delete: only real hashes get in.
+            if not is_sha256(sha256):
+                raise ValueError(f"{sha256[:80]!r} is not a hex SHA-256")
+        await self.conn.executemany(
+            "INSERT OR REPLACE INTO job_inputs (job_id, role, url, sha256) VALUES (?, ?, ?, ?)",
+            rows,
+        )
+        await self.conn.commit()
+
+    async def input_for_url(self, url: str) -> str | None:
+        """The hash of the picture a job took from `url`, the latest job's; None if none did.
+        An attachment's bytes never change, so whatever row names the URL names its bytes."""
+        sql = "SELECT sha256 FROM job_inputs WHERE url=? ORDER BY job_id DESC LIMIT 1"
+        async with self.conn.execute(sql, (url,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def inputs_of(self, job_id: int) -> dict[str, str]:
+        """Role -> hash of the input pictures a job used."""
+        sql = "SELECT role, sha256 FROM job_inputs WHERE job_id=?"
+        async with self.conn.execute(sql, (job_id,)) as cur:
+            return {str(role): str(sha256) for role, sha256 in await cur.fetchall()}
+
+    # -- retention ----------------------------------------------------------------------------
+
     async def prune(self, before: str) -> tuple[int, list[str]]:
         """Retention: drop finished-with rows older than `before`; returns how many, and the
-        saved image files they pointed at (for the caller to delete)."""
+        files only they named, for the caller to delete: their saved outputs, and the kept
+        input pictures no remaining row uses (reruns share one copy)."""
         where = "queued_at < ? AND status NOT IN ('queued', 'running')"
+        doomed = f"SELECT id FROM jobs WHERE {where}"
         async with self.conn.execute(
             f"SELECT outputs FROM jobs WHERE {where} AND outputs IS NOT NULL", (before,)
         ) as cur:
             files = [p for (raw,) in await cur.fetchall() for p in json.loads(raw)]
+        async with self.conn.execute(
+            f"""SELECT DISTINCT sha256 FROM job_inputs WHERE job_id IN ({doomed})
+                AND sha256 NOT IN (SELECT sha256 FROM job_inputs WHERE job_id NOT IN ({doomed}))""",
+            (before, before),
+        ) as cur:
+            unused = [str(sha256) for (sha256,) in await cur.fetchall()]
+        # Explicit, not only ON DELETE CASCADE: a connection opened without foreign keys (the
+        # sqlite3 shell) would otherwise leave rows that keep their files forever.
+        await self.conn.execute(f"DELETE FROM job_inputs WHERE job_id IN ({doomed})", (before,))
         cur = await self.conn.execute(f"DELETE FROM jobs WHERE {where}", (before,))
         await self.conn.commit()
+        if self.inputs is not None:
+            files += [str(self.inputs.path(sha256)) for sha256 in unused]
         return cur.rowcount, files

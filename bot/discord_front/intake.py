@@ -5,8 +5,11 @@ GenerationRequest, refusals become ephemeral replies and `rejected` rows (throug
 `recording_refusals`, the one place the front records them), accepted jobs are deferred.
 Following a job to its images is ui.start_job's part, as the buttons under them live there.
 
-Member bytes are downloaded here only (`download`: no redirects, capped), and decoded or
-resized in threads: the event loop never runs Pillow on them.
+Member bytes are downloaded here only (`download`: from Discord's CDN or the configured
+Discord-compatible server only, no redirects, capped), and hashed, decoded or resized in
+threads: the event loop never runs Pillow or SHA-256 on them. Input pictures are kept in the
+input store once their job is accepted (`input_loader`), so buttons can rerun the job after
+Discord's signed attachment URLs have expired.
 """
 
 from __future__ import annotations
@@ -15,24 +18,51 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import discord
+import yarl
 from PIL import Image
 
 from bot import imaging
 from bot.backend import Job, JobOrigin
-from bot.discord_front.policy import check_access, check_limits, check_prompt_lengths
+from bot.discord_front.policy import (
+    check_access,
+    check_limits,
+    check_prompt_lengths,
+    user_queue_cap,
+)
 from bot.discord_front.replies import replace_with_error
 from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest, SdbotError
+from bot.input_store import digest
 from bot.inputs import attachment_bytes, picture_inputs
 from bot.jobs import GenerationRequest
 
 log = logging.getLogger(__name__)
 
 ImageLoader = Callable[[], Awaitable[dict[str, Any]]]
+
+#: Where Discord serves attachments: the only hosts member bytes are fetched from (https, 443),
+#: besides the origin of DISCORD_API_BASE when one is set.
+DISCORD_CDN_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+
+#: The key under which a loader's result carries the input pictures to keep (KeptInput list);
+#: queue_job takes it out and keeps them once the job is accepted.
+KEPT_INPUTS = "kept_inputs"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptInput:
+    """An input picture of a job: where it came from and the hash it is kept under."""
+
+    role: str  # "image" or "mask"
+    url: str
+    sha256: str
+    #: The bytes, to be written to the store; None when they were read from it.
+    data: bytes | None
 
 
 def origin_of(interaction: discord.Interaction, command: str) -> JobOrigin:
@@ -73,18 +103,46 @@ async def recording_refusals(
         raise
 
 
+def attachment_url(svc: Services, url: str, *, what: str = "image") -> yarl.URL:
+    """`url` parsed, if member bytes may be fetched from it: Discord's CDN over https, or
+    the origin (scheme, host and port) of the Discord-compatible server the bot is
+    configured with. An interaction names the URL, so without this a forged or proxied
+    one could make the bot fetch any address (the local network's included) and post the
+    result back."""
+    refused = InvalidRequest(
+        f"The {what} is not a Discord attachment, so sdbot will not download it."
+    )
+    try:
+        parsed = yarl.URL(url)
+    except (TypeError, ValueError):
+        raise refused from None
+    if not parsed.is_absolute() or parsed.user is not None or parsed.password is not None:
+        raise refused
+    origin = (parsed.scheme, (parsed.host or "").lower(), parsed.port)
+    if origin[0] == "https" and origin[1] in DISCORD_CDN_HOSTS and origin[2] == 443:
+        return parsed
+    base = svc.settings.discord_api_base
+    if base:
+        api = yarl.URL(base)
+        if origin == (api.scheme, (api.host or "").lower(), api.port):
+            return parsed
+    raise refused
+
+
 async def download(svc: Services, url: str, *, what: str = "image") -> bytes:
     """The bytes at a Discord attachment URL, at most the settings' attachment cap.
 
-    Redirects are not followed: an attachment URL is Discord's, and a redirect could point
-    the bot at any address, the local network's included.
+    Only from Discord's hosts (`attachment_url`), checked before any connection is made.
+    Redirects are not followed: a redirect could point the bot at any address.
     """
+    source = attachment_url(svc, url, what=what)
     limit = attachment_bytes(svc.settings.max_attachment_mb)
     too_big = InvalidRequest(f"The {what} is over the {svc.settings.max_attachment_mb:g} MB limit.")
     chunks: list[bytes] = []
     size = 0
     try:
-        async with svc.http.get(url, allow_redirects=False) as resp:
+        # The parsed URL itself, so what was checked is what is fetched.
+        async with svc.http.get(source, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise InvalidRequest(f"The {what} could not be downloaded (HTTP {resp.status}).")
             if (resp.content_length or 0) > limit:
@@ -103,11 +161,10 @@ async def download(svc: Services, url: str, *, what: str = "image") -> bytes:
     return b"".join(chunks)
 
 
-async def read_image(
-    svc: Services, url: str, *, what: str = "image", keep_alpha: bool = False
+async def decode_image(
+    svc: Services, data: bytes, *, what: str = "image", keep_alpha: bool = False
 ) -> Image.Image:
-    """Download an image (attachment or earlier result) and decode it off the event loop."""
-    data = await download(svc, url, what=what)
+    """Decode member bytes under the settings' limits, off the event loop."""
     limit = attachment_bytes(svc.settings.max_attachment_mb)
     return await asyncio.to_thread(
         imaging.decode_attachment,
@@ -117,6 +174,51 @@ async def read_image(
         what=what,
         keep_alpha=keep_alpha,
     )
+
+
+async def read_image(
+    svc: Services, url: str, *, what: str = "image", keep_alpha: bool = False
+) -> Image.Image:
+    """Download an image (attachment or earlier result) and decode it off the event loop."""
+    return await decode_image(
+        svc, await download(svc, url, what=what), what=what, keep_alpha=keep_alpha
+    )
+
+
+async def read_input(
+    svc: Services, url: str, *, role: str = "image", what: str = "image", keep_alpha: bool = False
+) -> tuple[Image.Image, KeptInput]:
+    """An input picture, decoded, and what to keep of it: read from the input store when a
+    job already kept the bytes of this URL (so a rerun never needs the URL again, which
+    Discord lets expire), else downloaded."""
+    store = svc.db.inputs
+    known = await svc.db.input_for_url(url) if store is not None else None
+    data = await asyncio.to_thread(store.get, known) if store and known else None
+    if data is not None and known is not None:
+        kept = KeptInput(role, url, known, None)
+    else:
+        data = await download(svc, url, what=what)
+        kept = KeptInput(role, url, await asyncio.to_thread(digest, data), data)
+    return await decode_image(svc, data, what=what, keep_alpha=keep_alpha), kept
+
+
+async def keep_inputs(svc: Services, job_id: int, kept: list[KeptInput]) -> None:
+    """Name a job's input pictures in its row, then write the new ones to the store.
+
+    The rows first: a crash in between leaves a row whose file is missing (a rerun then
+    falls back to the URL), never a file no row names, which retention could not find. The
+    job is queued already, so failing to keep its inputs only costs reruns their fallback.
+    """
+    store = svc.db.inputs
+    if not kept or store is None:
+        return
+    try:
+        await svc.db.record_inputs(job_id, [(k.role, k.url, k.sha256) for k in kept])
+        for k in kept:
+            if k.data is not None:
+                await asyncio.to_thread(store.put, k.sha256, k.data)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("could not keep the input pictures of job %d: %s", job_id, exc)
 
 
 def check_attachment(svc: Services, attachment: discord.Attachment, what: str) -> None:
@@ -142,14 +244,19 @@ def input_loader(
     mask_url: str | None = None,
     size: tuple[int, int] | None = None,
 ) -> ImageLoader:
-    """The `load_images` of an img2img/inpaint job: download the picture (and mask), size it
+    """The `load_images` of an img2img/inpaint job: read the picture (and mask), size it
     (`size`, else its aspect kept at the model's native resolution) and derive the mask,
-    which without a mask file is the picture's transparent pixels."""
+    which without a mask file is the picture's transparent pixels. Both are read from the
+    input store when an earlier job kept them (reruns), and kept once the job is accepted."""
     inpaint = params["mode"] == "inpaint"
 
     async def load() -> dict[str, Any]:
-        picture = await read_image(svc, image_url, keep_alpha=inpaint)
-        mask = await read_image(svc, mask_url, what="mask") if inpaint and mask_url else None
+        picture, kept = await read_input(svc, image_url, keep_alpha=inpaint)
+        kept_inputs = [kept]
+        mask = None
+        if inpaint and mask_url:
+            mask, kept_mask = await read_input(svc, mask_url, role="mask", what="mask")
+            kept_inputs.append(kept_mask)
         out = await asyncio.to_thread(
             picture_inputs,
             picture,
@@ -159,6 +266,7 @@ def input_loader(
             mask=mask,
         )
         params["width"], params["height"] = out["width"], out["height"]
+        out[KEPT_INPUTS] = kept_inputs
         return out
 
     return load
@@ -211,27 +319,29 @@ async def queue_job(
     fields = {f.name for f in dataclasses.fields(GenerationRequest)}
     provenance = {k: v for k, v in params.items() if k not in fields}
 
-    async def build() -> tuple[GenerationRequest, int]:
+    async def build() -> tuple[GenerationRequest, int, list[KeptInput]]:
         async with recording_refusals(interaction, command, params):
             await check_model_on_offer(svc, interaction.guild_id, params)
             config = await check_access(svc, interaction, params)
             extra = await load_images() if load_images is not None else {}
+            kept = list(extra.pop(KEPT_INPUTS, ()))
             merged = {**params, **extra}
             request = GenerationRequest(**{k: v for k, v in merged.items() if k in fields})
             check_limits(config, request)
-            return request, int(config.user_queue_cap)
+            return request, user_queue_cap(svc, config), kept
 
-    async def submit(request: GenerationRequest, user_limit: int) -> Job:
+    async def submit(request: GenerationRequest, user_limit: int, kept: list[KeptInput]) -> Job:
         job = await svc.backend.submit(origin, request, user_limit=user_limit)
         if provenance:
             await svc.db.merge_params(job.id, jsonable(provenance))
+        # Only now, with the job accepted: a refused request leaves no file behind.
+        await keep_inputs(svc, job.id, kept)
         return job
 
     if load_images is None:
         # Queued before the defer, so that a full queue is an ephemeral reply; a defer
         # Discord refuses takes the job back out, or it would run for no one.
-        request, user_limit = await build()
-        job = await submit(request, user_limit)
+        job = await submit(*await build())
         try:
             original_id = await _defer(interaction)
         except discord.HTTPException as exc:
@@ -245,8 +355,7 @@ async def queue_job(
         log.warning("Discord refused the defer of a %s job (%s); not queueing it", command, exc)
         return None
     try:
-        request, user_limit = await build()
-        job = await submit(request, user_limit)
+        job = await submit(*await build())
     except SdbotError as exc:
         await replace_with_error(interaction, exc.message)
         return None

@@ -1,6 +1,6 @@
 """Server rules, enforced in one place before a job is queued: channel, ban, prompt length,
-blocked words, model and size limits, cooldown and daily quota. A refusal says why and, when
-it applies, when the member can try again."""
+blocked words, model and size limits, cooldown, daily quota and the per-member queue cap. A
+refusal says why and, when it applies, when the member can try again."""
 
 from __future__ import annotations
 
@@ -162,6 +162,16 @@ def check_limits(config: GuildConfig, request: GenerationRequest) -> None:
         raise Refused(
             "limit", f"{request.count} images is more than this server allows ({config.max_count})."
         )
+
+
+def user_queue_cap(svc: Services, config: GuildConfig) -> int:
+    """Jobs one member may have waiting here: the owner's SDBOT_USER_QUEUE_LIMIT, or the
+    server's own setting when that is lower. Bounded here too, not only in GuildConfigs, so a
+    server's value can never raise the owner's, however GuildConfigs was built."""
+    ceiling = svc.settings.user_queue_limit
+    if "user_queue_cap" in config.overridden:
+        return min(int(config.user_queue_cap), ceiling)
+    return ceiling
 
 
 def nsfw_action(config: GuildConfig, channel: Any) -> str:
