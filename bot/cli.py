@@ -1,22 +1,32 @@
-"""`sdbot` command line: run, playground, generate, tiny-model."""
+"""`sdbot` command line: run, playground, generate, tiny-model, bench."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import ExifTags, Image
 
 from bot import imaging
 from bot.catalog import Catalog
 from bot.errors import InvalidRequest, SdbotError
 from bot.inputs import DEFAULT_STRENGTH, attachment_bytes, parse_loras, parse_size, picture_inputs
 from bot.jobs import GenerationRequest
-from bot.settings import Settings, load_settings
+from bot.settings import Settings, check_default_model, export_hub_token, load_settings
+
+#: `sdbot generate -o` formats, chosen by the file name's extension.
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+BENCHMARKS = {
+    "executor": "the GPU executor's figures: throughput, batching, fairness",
+    "load": "the load test: many members at once through the local Discord server and the bot",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,11 +43,14 @@ def _parser() -> argparse.ArgumentParser:
         "generate",
         help="make images from the shell, through the same engine as the bot",
         description="Generate images with the bot's engine and model catalog. With --count N "
-        "above 1, FILE is the grid of all images and FILE-1.png .. FILE-N.png hold each image; "
-        "every PNG carries its parameters (A1111 format).",
+        "above 1, FILE is the grid of all images and FILE-1 .. FILE-N hold each image. The "
+        "format follows FILE's extension: .png (parameters in a text chunk, A1111 format), "
+        ".jpg/.jpeg or .webp (parameters in EXIF UserComment, as A1111 writes them).",
     )
     gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    gen.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="image to write: .png, .jpg or .webp"
+    )
     gen.add_argument("--negative", default="", help="negative prompt")
     gen.add_argument(
         "--model", default=None, help="catalog name or source (default: SDBOT_DEFAULT_MODEL)"
@@ -84,10 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--guidance", type=float, default=7.0)
     gen.add_argument("--seed", type=int, default=None)
-    sub.add_parser(
+    bench = sub.add_parser(
         "bench",
         help="benchmarks: `bench executor [...]`, `bench load [...]`, or both with no argument",
+        description="The benchmarks (tiny model on the CPU by default).\n"
+        "With no BENCHMARK, both run with their defaults (options alone go to executor).\n"
+        "`sdbot bench BENCHMARK --help` lists a benchmark's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="benchmarks:\n"
+        + "\n".join(f"  {name:<10} {text}" for name, text in BENCHMARKS.items()),
     )
+    bench.add_argument(
+        "benchmark", nargs="?", choices=tuple(BENCHMARKS), metavar="BENCHMARK", help="see below"
+    )
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="that benchmark's options")
     tiny = sub.add_parser("tiny-model", help="write the tiny random-weight test model to DIR")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--inpainting", action="store_true", help="the 9-channel inpainting variant")
@@ -108,14 +131,25 @@ def _setup_logging(settings: Settings) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("discord.gateway").setLevel(max(logging.INFO, logging.getLogger().level))
+    # transformers falls back to its PIL image processors without torchvision, which sdbot
+    # does not need, and says so on every start.
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoTorchvisionNotice) for f in notices.filters):
+        notices.addFilter(_NoTorchvisionNotice())
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in str(record.msg)
 
 
 def _generate(settings: Settings, args: argparse.Namespace) -> None:
     # Lazy: torch and diffusers take seconds to import, and only this command needs them.
     from bot.engine import Engine
 
+    out, image_format = _check_output(args.output, args.count)
     catalog = Catalog.load(settings.models_file, settings.lora_dir)
-    entry = catalog.resolve(args.model or settings.default_model)
+    entry = catalog.resolve(args.model) if args.model else check_default_model(settings, catalog)
     mode = args.mode or ("inpaint" if args.mask else "img2img" if args.image else "txt2img")
     size = _size(args)
     given: dict[str, Any] = {
@@ -158,21 +192,86 @@ def _generate(settings: Settings, args: argparse.Namespace) -> None:
         imaging.request_parameters(request, seed=seed, sampler=result.sampler)
         for seed in result.seeds
     ]
-    pngs, grid = imaging.encode_pngs(result.images, texts)
-    out: Path = args.output
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if grid is None:
-        files = {out: pngs[0]}
-    else:
-        files = {out: grid}
-        files.update({out.with_name(f"{out.stem}-{i}.png"): png for i, png in enumerate(pngs, 1)})
-    for path, data in files.items():
-        path.write_bytes(data)
+    singles, grid = _encode(result.images, texts, image_format)
+    paths = _output_paths(out, len(singles))
+    files = dict(zip(paths, [singles[0]] if grid is None else [grid, *singles], strict=True))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for path, data in files.items():
+            path.write_bytes(data)
+    except OSError as exc:
+        failed = exc.filename or out
+        raise InvalidRequest(f"Cannot write {failed}: {exc.strerror or exc}.") from None
     flagged = [i + 1 for i, nsfw in enumerate(result.nsfw) if nsfw]
     seeds = ", ".join(str(s) for s in result.seeds)
     print(f"wrote {', '.join(str(p) for p in files)} (seed {seeds}, {result.sampler})")
     if flagged:
         print(f"note: the safety checker flagged image(s) {flagged}", file=sys.stderr)
+
+
+def _check_output(raw: str, count: int) -> tuple[Path, str]:
+    """The file `-o` names and its format, checked before a model is loaded for it."""
+    out = Path(raw).expanduser()
+    if raw.endswith(("/", os.sep)) or out.is_dir():
+        raise InvalidRequest(f"-o {raw} is a folder; name a file in it, e.g. {out / 'image.png'}.")
+    image_format = OUTPUT_FORMATS.get(out.suffix.lower())
+    if image_format is None:
+        raise InvalidRequest(
+            f"-o {raw}: the file name must end in .png, .jpg, .jpeg or .webp (the image format "
+            "follows it)."
+        )
+    for path in _output_paths(out, count if 1 <= count <= 4 else 1):
+        if path.is_dir():
+            raise InvalidRequest(f"Cannot write {path}: it is a folder.")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise InvalidRequest(f"Cannot write {path}: permission denied.")
+    folder = out.parent  # created when missing, as long as it can be
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InvalidRequest(f"Cannot write {out}: {folder} is a file, not a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidRequest(f"Cannot write {out}: the folder {folder} is not writable.")
+    return out, image_format
+
+
+def _output_paths(out: Path, count: int) -> list[Path]:
+    """Where `count` images go: `out` alone, or the grid in `out` and each in out-1, out-2..."""
+    if count == 1:
+        return [out]
+    return [out, *(out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count + 1))]
+
+
+def _encode(
+    images: Sequence[Image.Image], texts: Sequence[str], image_format: str
+) -> tuple[list[bytes], bytes | None]:
+    """Each image (and with several, their grid) in `image_format`, parameters included."""
+    if image_format == "PNG":
+        return imaging.encode_pngs(images, texts)
+    pairs = zip(images, texts, strict=True)
+    singles = [_encode_with_exif(image, text, image_format) for image, text in pairs]
+    grid = None
+    if len(images) > 1:  # labelled with the first image's parameters, as A1111 and the PNGs
+        grid = _encode_with_exif(imaging.make_grid(images), texts[0], image_format)
+    return singles, grid
+
+
+def _encode_with_exif(image: Image.Image, parameters: str, image_format: str) -> bytes:
+    """JPEG or WebP with the parameters in EXIF UserComment, laid out as A1111 writes them
+    (piexif's "unicode": an 8-byte charset prefix, then UTF-16BE), so A1111 and others read it.
+    """
+    exif = Image.Exif()
+    user_comment = b"UNICODE\0" + parameters.encode("utf-16-be")
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = user_comment
+    rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+    buffer = io.BytesIO()
+    try:
+        rgb.save(buffer, format=image_format, quality=95, exif=exif)
+    except ValueError:  # a JPEG's EXIF holds 64 KB at most: an image without them beats none
+        print("note: the parameters are too long for EXIF and were left out", file=sys.stderr)
+        buffer = io.BytesIO()
+        rgb.save(buffer, format=image_format, quality=95)
+    return buffer.getvalue()
 
 
 def _size(args: argparse.Namespace) -> tuple[int, int] | None:
@@ -225,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings()
+        export_hub_token(settings)
         _setup_logging(settings)
         command = args.command or ("run" if settings.token else "playground")
         if command == "run":
@@ -255,7 +355,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """`sdbot bench [executor|load] [options]`: the scheduler figures and the load test."""
+    """`sdbot bench [executor|load] [options]`: the scheduler figures and the load test.
+
+    Each benchmark parses its own options, so only the name is read here; `--help` and a
+    name that is not a benchmark go to the `bench` parser, which lists the benchmarks.
+    """
+    first = argv[0] if argv else "-"
+    if first not in BENCHMARKS and (first in ("-h", "--help") or not first.startswith("-")):
+        _parser().parse_args(["bench", first])  # prints the help or the choices, and exits
     from bench import executor_bench, load_bench
 
     if argv[:1] == ["executor"]:

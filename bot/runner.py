@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import discord
 
 from bot import outputs
 from bot.catalog import Catalog
@@ -21,7 +22,7 @@ from bot.discord_front.services import Services
 from bot.errors import SettingsError
 from bot.executor import GpuExecutor
 from bot.guild_config import GuildConfigs
-from bot.settings import Settings
+from bot.settings import Settings, check_default_model, is_loopback_url
 
 if TYPE_CHECKING:
     from bot.engine import Engine
@@ -35,6 +36,9 @@ async def bot_resources(
 ) -> AsyncIterator[SdBot]:
     """Open everything the bot needs, in order, and close it in reverse even on errors."""
     catalog = Catalog.load(settings.models_file, settings.lora_dir)
+    check_default_model(settings, catalog)
+    # sdbot has no voice: discord.py's warnings about the voice libraries are noise.
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
     async with contextlib.AsyncExitStack() as stack:
         db = await Database.open(settings.db_path)
         stack.push_async_callback(db.close)
@@ -112,9 +116,63 @@ async def run_bot(settings: Settings, *, sync: bool = False) -> None:
     token = settings.token
     assert token, "run_bot needs DISCORD_TOKEN"
     await configure_api_base(settings.discord_api_base)
+    if settings.discord_api_base and is_loopback_url(settings.discord_api_base):
+        quiet_loopback_heartbeat()
     async with bot_resources(settings, sync=sync) as bot, bot:
         _close_on_signals(bot)
-        await bot.start(token)
+        await login(bot, token, where=settings.discord_api_base or "discord.com")
+        await bot.connect()
+
+
+async def login(bot: SdBot, token: str, *, where: str) -> None:
+    """`bot.login`, with a refused token or an unreachable server as one SettingsError line.
+
+    After login discord.py reconnects by itself; before it, nothing works, so stop and say why.
+    """
+    try:
+        await bot.login(token)
+    except discord.LoginFailure:
+        raise SettingsError(
+            f"{where} refused DISCORD_TOKEN (401 Unauthorized): copy the bot's token again from "
+            "https://discord.com/developers/applications (Bot -> Reset Token) into .env."
+        ) from None
+    except (aiohttp.ClientConnectionError, TimeoutError, discord.DiscordServerError) as exc:
+        raise SettingsError(
+            f"cannot reach Discord at {where} ({_describe(exc)}); check this machine's network"
+            " and DISCORD_API_BASE."
+        ) from None
+    except discord.HTTPException as exc:
+        if bot.user is not None:  # logged in, so setup_hook failed: a bug, keep its traceback
+            raise
+        raise SettingsError(
+            f"{where} answered the login with HTTP {exc.status}; is DISCORD_API_BASE a "
+            "Discord-compatible server?"
+        ) from None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+class _LoopbackHeartbeatRace(logging.Filter):
+    """Drops discord.py's "Can't keep up, ... websocket is 41.3s behind" on a loopback server.
+
+    discord.py's heartbeat thread sends a beat through the event loop and only then notes the
+    send time; a server on this machine acks so fast that the loop handles the ack first, so
+    the latency is measured from the previous beat: one heartbeat interval. The network to
+    this machine cannot be behind, and a blocked loop still shows as "Heartbeat blocked".
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Can't keep up")
+
+
+def quiet_loopback_heartbeat() -> None:
+    """Install _LoopbackHeartbeatRace once; only for a server on this machine."""
+    gateway_log = logging.getLogger("discord.gateway")
+    if not any(isinstance(f, _LoopbackHeartbeatRace) for f in gateway_log.filters):
+        gateway_log.addFilter(_LoopbackHeartbeatRace())
 
 
 async def run_playground(settings: Settings) -> None:
@@ -132,6 +190,7 @@ async def run_playground(settings: Settings) -> None:
         raise SettingsError(str(exc)) from None
     try:
         await configure_api_base(url)
+        quiet_loopback_heartbeat()
         local = settings.model_copy(update={"discord_api_base": url})
         async with bot_resources(local, sync=True) as bot, bot:
             _close_on_signals(bot)

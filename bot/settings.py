@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -18,7 +19,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bot.errors import SettingsError
+from bot.catalog import (
+    BUILTIN_SOURCES,
+    SINGLE_FILE_SUFFIXES,
+    Catalog,
+    ModelEntry,
+    is_hub_id,
+)
+from bot.errors import InvalidRequest, SettingsError
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -38,6 +46,10 @@ class Settings(BaseSettings):
     )
     discord_api_base: str | None = Field(
         default=None, validation_alias=AliasChoices("DISCORD_API_BASE", "discord_api_base")
+    )
+    # The Hugging Face Hub's own name: for gated and private models.
+    hf_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("HF_TOKEN", "hf_token")
     )
 
     db_path: Path = Path("data/sdbot.db")
@@ -63,7 +75,7 @@ class Settings(BaseSettings):
     # The playground plays every member and admin: only this machine may reach it unless asked.
     playground_allow_remote: bool = False
 
-    @field_validator("discord_token", mode="before")
+    @field_validator("discord_token", "hf_token", mode="before")
     @classmethod
     def _blank_token_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -112,11 +124,24 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-_ENV_NAMES = {"discord_token": "DISCORD_TOKEN", "discord_api_base": "DISCORD_API_BASE"}
+_ENV_NAMES = {
+    "discord_token": "DISCORD_TOKEN",
+    "discord_api_base": "DISCORD_API_BASE",
+    "hf_token": "HF_TOKEN",
+}
 
 
 def env_name(field: str) -> str:
     return _ENV_NAMES.get(field, f"SDBOT_{field.upper()}")
+
+
+def export_hub_token(settings: Settings) -> None:
+    """Hand an HF_TOKEN read from `.env` to the Hub client, which reads only the environment.
+
+    One already in the environment wins, as it does for every other setting.
+    """
+    if settings.hf_token and not os.environ.get("HF_TOKEN"):
+        os.environ["HF_TOKEN"] = settings.hf_token.get_secret_value()
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -134,3 +159,39 @@ def load_settings(**overrides: object) -> Settings:
             raise SettingsError(f"invalid settings: {msg}") from None
         name = env_name(loc) if loc in Settings.model_fields else loc
         raise SettingsError(f"invalid setting {name}: {msg}") from None
+
+
+def check_default_model(settings: Settings, catalog: Catalog) -> ModelEntry:
+    """The model SDBOT_DEFAULT_MODEL names, or SettingsError saying what is accepted.
+
+    Checked at start-up so a typo stops the bot at once instead of failing every job that
+    names no model. A catalog name is taken as it stands (the engine checks its source when it
+    loads); anything else must be a source sdbot can load from here.
+    """
+    value = settings.default_model.strip()
+    try:
+        entry = catalog.resolve(value)
+    except InvalidRequest:
+        entry = None
+    if entry is not None and (entry in catalog.entries or _loadable_source(entry.source)):
+        return entry
+    shown = value if len(value) <= 120 else value[:119] + "…"
+    raise SettingsError(
+        f"invalid setting SDBOT_DEFAULT_MODEL: {shown!r} is not a model of the catalog "
+        f"({', '.join(catalog.names())}) nor a source sdbot can load: "
+        f"{' or '.join(BUILTIN_SOURCES)}, a Hugging Face id `owner/name`, an existing diffusers "
+        "folder, or an existing .safetensors/.ckpt file."
+    )
+
+
+def _loadable_source(source: str) -> bool:
+    """Whether a source outside the catalog can be loaded, judged without reading weights."""
+    if source.startswith("builtin:"):
+        return source in BUILTIN_SOURCES
+    path = Path(source).expanduser()
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return path.is_file()
+    if path.exists():
+        return (path / "model_index.json").is_file()
+    # A Hub id cannot be checked offline; a path-like spelling that is not there is a typo.
+    return is_hub_id(source) and not source.startswith((".", "~"))

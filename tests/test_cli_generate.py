@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
+import bot.engine
 from bench.harness import Harness
 from bot.cli import main
 from bot.imaging import parse_parameters, read_parameters
@@ -123,6 +125,106 @@ def test_generate_errors_are_one_line_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("sdbot: ") and message in err[-1]
     assert not (tmp_path / "x.png").exists()
+
+
+def exif_parameters(path: Path) -> dict[str, str]:
+    """The parameters in a JPEG's or WebP's EXIF UserComment, as A1111 writes them (piexif's
+    "unicode": an 8-byte charset prefix, then UTF-16BE)."""
+    exif = Image.open(path).getexif().get_ifd(ExifTags.IFD.Exif)
+    comment = exif[ExifTags.Base.UserComment]
+    assert comment[:8] == b"UNICODE\0"
+    return parse_parameters(comment[8:].decode("utf-16-be"))
+
+
+@pytest.mark.parametrize(("name", "image_format"), [("fox.jpg", "JPEG"), ("fox.JPEG", "JPEG"),
+                                                    ("fox.webp", "WEBP")])  # fmt: skip
+def test_the_output_format_follows_the_extension(
+    tmp_path: Path, name: str, image_format: str
+) -> None:
+    out = tmp_path / name
+    assert main(["generate", "a red fox", "-o", str(out), "--seed", "5", "--steps", "2",
+                 "--negative", "blurry"]) == 0  # fmt: skip
+    with Image.open(out) as image:
+        assert (image.format, image.size, image.mode) == (image_format, (64, 64), "RGB")
+    found = exif_parameters(out)
+    assert found["prompt"] == "a red fox" and found["negative_prompt"] == "blurry"
+    assert (found["Seed"], found["Steps"], found["Model"]) == ("5", "2", "tiny")
+
+
+def test_a_webp_grid_and_each_image_carry_their_parameters(tmp_path: Path) -> None:
+    out = tmp_path / "cats.webp"
+    assert main(["generate", "a cat", "-o", str(out), "--count", "2", "--seed", "9",
+                 "--steps", "2"]) == 0  # fmt: skip
+    assert Image.open(out).format == "WEBP" and Image.open(out).size == (128, 64)
+    assert exif_parameters(out)["Seed"] == "9"
+    for i, seed in enumerate((9, 10), start=1):
+        single = tmp_path / f"cats-{i}.webp"
+        assert Image.open(single).format == "WEBP" and Image.open(single).size == (64, 64)
+        assert exif_parameters(single)["Seed"] == str(seed)
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails a test that gets as far as building the engine: its -o was to be refused first."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the engine was built before the output path was checked")
+
+    monkeypatch.setattr(bot.engine.Engine, "__init__", refuse)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("{tmp}/", "is a folder; name a file in it, e.g. {tmp}/image.png"),
+        ("{tmp}", "is a folder; name a file in it"),
+        ("{tmp}/new/", "is a folder; name a file in it"),
+        ("{tmp}/fox.gif", "the file name must end in .png, .jpg, .jpeg or .webp"),
+        ("{tmp}/fox", "the file name must end in .png, .jpg, .jpeg or .webp"),
+        ("{tmp}/notes.txt/fox.png", "notes.txt is a file, not a folder"),
+        ("{tmp}/notes.txt/deeper/fox.png", "notes.txt is a file, not a folder"),
+    ],
+)
+def test_a_bad_output_path_is_refused_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None, output: str, message: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a folder")
+    code = main(["generate", "x", "-o", output.format(tmp=tmp_path), "--steps", "2"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdbot: ")
+    assert message.format(tmp=tmp_path) in err[0]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_grid_whose_image_file_is_a_folder_is_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None
+) -> None:
+    (tmp_path / "many-2.png").mkdir()
+    assert main(["generate", "x", "-o", str(tmp_path / "many.png"), "--count", "3"]) == 2
+    assert f"Cannot write {tmp_path / 'many-2.png'}: it is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_folder_is_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["generate", "x", "-o", str(locked / "x.png")]) == 2
+    assert f"the folder {locked} is not writable" in capsys.readouterr().err
+
+
+def test_a_bad_default_model_is_named_by_its_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SDBOT_DEFAULT_MODEL", "./models/missing")
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid setting SDBOT_DEFAULT_MODEL: './models/missing' is not a model" in err
+    # A model named on the command line does not need the default.
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "--steps", "2",
+                 "--model", "tiny"]) == 0  # fmt: skip
 
 
 def test_generate_refuses_a_non_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from bot.catalog import BUILTIN_SOURCES, Catalog
 from bot.errors import SettingsError
-from bot.settings import load_settings
+from bot.settings import Settings, check_default_model, export_hub_token, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,3 +76,78 @@ def test_run_without_a_token_explains_what_to_do(tmp_path: Path) -> None:
     result = _sdbot(["run"], {}, tmp_path)
     assert result.returncode == 2
     assert "DISCORD_TOKEN is not set" in result.stderr and "sdbot playground" in result.stderr
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    return Catalog.load(None, Path("loras"))
+
+
+def _default(value: str) -> Settings:
+    return load_settings(_env_file=None, default_model=value)
+
+
+def test_the_default_model_may_be_a_catalog_name_or_a_loadable_source(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    folder = tmp_path / "sd15-local"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    checkpoint = tmp_path / "dream.safetensors"
+    checkpoint.write_bytes(b"weights")
+    cases = {
+        "sd15": "sd15",  # a catalog name, any case
+        "TINY": "tiny",
+        "builtin:tiny": "tiny",  # an entry's source is that entry
+        "builtin:tiny-inpaint": "builtin:tiny-inpaint",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+        "someone/their-model": "someone/their-model",  # a Hub id: checked when it loads
+        str(folder): str(folder),
+        str(checkpoint): str(checkpoint),
+    }
+    for value, name in cases.items():
+        assert check_default_model(_default(value), catalog).name == name
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "stable-diffusion-1.5",  # neither a name nor a source
+        "builtin:tiny-xxl",
+        "./models/sd15",  # a path that is not there
+        "{tmp}/empty",  # a folder that is not a diffusers model
+        "{tmp}/missing.safetensors",
+        "~/nowhere/model",
+    ],
+)
+def test_a_bad_default_model_names_the_setting_and_what_is_accepted(
+    tmp_path: Path, catalog: Catalog, value: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    value = value.format(tmp=tmp_path)
+    with pytest.raises(SettingsError) as refused:
+        check_default_model(_default(value), catalog)
+    assert refused.value.message == (
+        f"invalid setting SDBOT_DEFAULT_MODEL: {value!r} is not a model of the catalog "
+        f"({', '.join(catalog.names())}) nor a source sdbot can load: "
+        f"{' or '.join(BUILTIN_SOURCES)}, a Hugging Face id `owner/name`, an existing "
+        "diffusers folder, or an existing .safetensors/.ckpt file."
+    )
+
+
+def test_hf_token_from_dotenv_reaches_the_hub_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub reads HF_TOKEN from the environment only; .env is sdbot's."""
+    monkeypatch.setenv("HF_TOKEN", "restored-after-the-test")
+    monkeypatch.delenv("HF_TOKEN")
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("HF_TOKEN=hf_from_dotenv\n")
+    settings = load_settings(_env_file=dotenv)
+    assert "hf_from_dotenv" not in repr(settings)
+    export_hub_token(settings)
+    assert os.environ["HF_TOKEN"] == "hf_from_dotenv"
+    # One in the environment wins, as for every setting.
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    export_hub_token(load_settings(_env_file=dotenv))
+    assert os.environ["HF_TOKEN"] == "hf_from_env"
