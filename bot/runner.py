@@ -65,7 +65,7 @@ async def bot_resources(
             db=db,
             backend=executor,
             catalog=catalog,
-            guild_configs=GuildConfigs(db),
+            guild_configs=GuildConfigs(db, user_queue_limit=settings.user_queue_limit),
             http=http,
         )
         yield SdBot(services, sync=sync, interrupted=stale, **bot_options)
@@ -189,7 +189,8 @@ async def run_playground(settings: Settings) -> None:
     except ValueError as exc:  # a non-loopback bind nobody asked for
         raise SettingsError(str(exc)) from None
     try:
-        await configure_api_base(url)
+        # The playground's own server: its gateway may be on a LAN address when asked to be.
+        await configure_api_base(url, real_token=False)
         quiet_loopback_heartbeat()
         local = settings.model_copy(update={"discord_api_base": url})
         async with bot_resources(local, sync=True) as bot, bot:

@@ -377,11 +377,6 @@ async def test_the_owners_queue_limit_is_the_default_and_servers_may_lower_it(
         await cancel_everything(capped)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs bot/runner.py to build GuildConfigs(db, user_queue_limit=...); "
-    "remove this marker once it does",
-)
 async def test_config_refuses_a_queue_cap_above_the_owners_limit(capped: Harness) -> None:
     c = capped.control
     admin = await c.admin_id()
