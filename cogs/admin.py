@@ -16,8 +16,18 @@ from discord.ext import commands
 
 from bot.blocklist import check_entry
 from bot.charts import stacked_bars
-from bot.discord_front.options import scheduler_choices
+from bot.discord_front import limits
+from bot.discord_front.options import (
+    Pattern,
+    Reason,
+    SettingKey,
+    SettingValue,
+    check_lengths,
+    matching,
+    scheduler_choices,
+)
 from bot.discord_front.policy import Refused, manages_guild, utcnow
+from bot.discord_front.replies import echo, respond
 from bot.discord_front.services import services
 from bot.errors import InvalidRequest
 from bot.guild_config import SPECS
@@ -27,17 +37,20 @@ PERIODS = {"day": 1, "week": 7, "month": 30, "quarter": 90}
 
 
 def require_admin(interaction: discord.Interaction) -> int:
+    """The server's id, for a member who may manage it; their text options within the
+    lengths the command declares (a modified client may send any)."""
     if interaction.guild_id is None:
         raise InvalidRequest("This command only works in a server.")
     if not manages_guild(interaction):
         raise Refused("permission", "You need the Manage Server permission to do that.")
+    check_lengths(interaction)
     return interaction.guild_id
 
 
 def _show(value: Any) -> str:
     if isinstance(value, list):
-        return ", ".join(value) or "(all)"
-    return json.dumps(value) if isinstance(value, str) and not value else str(value)
+        return echo(", ".join(value), 200) or "(all)"
+    return json.dumps(value) if isinstance(value, str) and not value else echo(str(value), 200)
 
 
 @app_commands.guild_only()
@@ -53,11 +66,13 @@ class Config(app_commands.Group, name="config", description="Server settings for
         guild_id = require_admin(interaction)
         svc = services(interaction)
         config = await svc.guild_configs.get(guild_id)
-        lines = ["**sdbot settings** (✎ changed here)"]
+        lines = []
         for key, spec in SPECS.items():
             mark = "✎" if key in config.overridden else "·"
             lines.append(f"{mark} `{key}` = **{_show(config.values[key])}** — {spec.help}")
-        channels = ", ".join(f"<#{c}>" for c in config.channels) or "all channels"
+        channels = ", ".join(f"<#{c}>" for c in config.channels[:5]) or "all channels"
+        if len(config.channels) > 5:
+            channels += f" and {len(config.channels) - 5} more"
         lines.append(f"Channels: {channels} · blocked patterns: {len(config.blocked)}")
         audit = await svc.db.audit_entries(guild_id, 5)
         if audit:
@@ -69,13 +84,16 @@ class Config(app_commands.Group, name="config", description="Server settings for
                     else (row["new"] or row["old"] or "")
                 )
                 lines.append(
-                    f"{row['at'][:16]} <@{row['user_id']}> {row['action']} {row['key']} {change}"
+                    f"{row['at'][:16]} <@{row['user_id']}> {row['action']} {row['key']} "
+                    f"{echo(change, 80)}"
                 )
-        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
+        await respond(interaction, limits.listing("**sdbot settings** (✎ changed here)", lines))
 
     @app_commands.command(name="set", description="Change one setting")
     @app_commands.describe(key="Setting name", value="New value (see /config show)")
-    async def set_(self, interaction: discord.Interaction, key: str, value: str) -> None:
+    async def set_(
+        self, interaction: discord.Interaction, key: SettingKey, value: SettingValue
+    ) -> None:
         guild_id = require_admin(interaction)
         svc = services(interaction)
         if key in ("default_model",) and value:
@@ -86,25 +104,21 @@ class Config(app_commands.Group, name="config", description="Server settings for
         if key == "default_scheduler":
             canonical_name(value)  # refuses unknown samplers, naming the allowed ones
         new = await svc.guild_configs.set(guild_id, key, value, by=interaction.user.id)
-        await interaction.response.send_message(
-            f"✅ `{key}` is now **{_show(new)}**.", ephemeral=True
-        )
+        await respond(interaction, f"✅ `{key}` is now **{_show(new)}**.")
 
     @app_commands.command(name="reset", description="Put one setting back to its default")
-    async def reset(self, interaction: discord.Interaction, key: str) -> None:
+    async def reset(self, interaction: discord.Interaction, key: SettingKey) -> None:
         guild_id = require_admin(interaction)
         configs = services(interaction).guild_configs
         new = await configs.set(guild_id, key, None, by=interaction.user.id)
-        await interaction.response.send_message(
-            f"↩️ `{key}` is back to **{_show(new)}**.", ephemeral=True
-        )
+        await respond(interaction, f"↩️ `{key}` is back to **{_show(new)}**.")
 
     @set_.autocomplete("key")
     @reset.autocomplete("key")
     async def _key_autocomplete(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
-        return [app_commands.Choice(name=k, value=k) for k in SPECS if current.lower() in k][:25]
+        return matching(list(SPECS), current)
 
     @set_.autocomplete("value")
     async def _value_autocomplete(
@@ -124,9 +138,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
                 options = scheduler_choices()
             else:
                 options = [str(spec.default)]
-        return [
-            app_commands.Choice(name=o, value=o) for o in options if current.lower() in o.lower()
-        ][:25]
+        return matching(options, current)
 
     @channels.command(
         name="add", description="Allow sdbot in a channel (once any is added, only those)"
@@ -138,9 +150,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
         await services(interaction).guild_configs.add(
             "guild_channels", "channel_id", guild_id, channel.id, by=interaction.user.id
         )
-        await interaction.response.send_message(
-            f"✅ sdbot may be used in {channel.mention}.", ephemeral=True
-        )
+        await respond(interaction, f"✅ sdbot may be used in {channel.mention}.")
 
     @channels.command(name="remove", description="Stop allowing sdbot in a channel")
     async def channels_remove(
@@ -155,60 +165,63 @@ class Config(app_commands.Group, name="config", description="Server settings for
             if removed
             else f"{channel.mention} was not on the list."
         )
-        await interaction.response.send_message(text, ephemeral=True)
+        await respond(interaction, text)
 
     @channels.command(name="list", description="Channels where sdbot may be used")
     async def channels_list(self, interaction: discord.Interaction) -> None:
         guild_id = require_admin(interaction)
         config = await services(interaction).guild_configs.get(guild_id)
-        text = ", ".join(f"<#{c}>" for c in config.channels) or "All channels (the list is empty)."
-        await interaction.response.send_message(text, ephemeral=True)
+        if not config.channels:
+            await respond(interaction, "All channels (the list is empty).")
+            return
+        mentions = [f"<#{c}>" for c in config.channels]
+        await respond(interaction, limits.listing("", mentions, sep=", "))
 
     @blocklist.command(
         name="add", description="Refuse prompts containing a word, phrase or re:regex"
     )
-    async def blocklist_add(
-        self, interaction: discord.Interaction, pattern: app_commands.Range[str, 1, 200]
-    ) -> None:
+    async def blocklist_add(self, interaction: discord.Interaction, pattern: Pattern) -> None:
         guild_id = require_admin(interaction)
         # Probing a pattern for backtracking takes up to 1.5 s of CPU: not on the event loop.
         entry = await asyncio.to_thread(check_entry, pattern)
         await services(interaction).guild_configs.add(
             "blocked_words", "pattern", guild_id, entry, by=interaction.user.id
         )
-        await interaction.response.send_message(f"✅ Blocking `{entry}`.", ephemeral=True)
+        await respond(interaction, f"✅ Blocking `{echo(entry, 200)}`.")
 
     @blocklist.command(name="remove", description="Stop refusing a pattern")
-    async def blocklist_remove(self, interaction: discord.Interaction, pattern: str) -> None:
+    async def blocklist_remove(self, interaction: discord.Interaction, pattern: Pattern) -> None:
         guild_id = require_admin(interaction)
         pattern = pattern.strip()  # entries are stored stripped (check_entry)
         removed = await services(interaction).guild_configs.remove(
             "blocked_words", "pattern", guild_id, pattern, by=interaction.user.id
         )
-        await interaction.response.send_message(
-            f"✅ `{pattern}` is allowed again." if removed else f"`{pattern}` was not blocked.",
-            ephemeral=True,
+        shown = echo(pattern, 200)
+        await respond(
+            interaction,
+            f"✅ `{shown}` is allowed again." if removed else f"`{shown}` was not blocked.",
         )
 
     @blocklist.command(name="list", description="The blocked words and patterns")
     async def blocklist_list(self, interaction: discord.Interaction) -> None:
         guild_id = require_admin(interaction)
         config = await services(interaction).guild_configs.get(guild_id)
-        text = "\n".join(f"• `{p}`" for p in config.blocked) or "Nothing is blocked."
-        await interaction.response.send_message(text[:2000], ephemeral=True)
+        if not config.blocked:
+            await respond(interaction, "Nothing is blocked.")
+            return
+        entries = [f"• `{echo(p, 200)}`" for p in config.blocked]
+        await respond(interaction, limits.listing("", entries))
 
     @app_commands.command(name="ban", description="Stop a member from using sdbot here")
     async def ban(
         self,
         interaction: discord.Interaction,
         user: discord.User,
-        reason: app_commands.Range[str, 0, 200] = "",
+        reason: Reason = "",
     ) -> None:
         guild_id = require_admin(interaction)
         await services(interaction).db.ban(guild_id, user.id, reason, by=interaction.user.id)
-        await interaction.response.send_message(
-            f"🚫 {user.mention} can no longer use sdbot here.", ephemeral=True
-        )
+        await respond(interaction, f"🚫 {user.mention} can no longer use sdbot here.")
 
     @app_commands.command(name="unban", description="Let a banned member use sdbot again")
     async def unban(self, interaction: discord.Interaction, user: discord.User) -> None:
@@ -217,7 +230,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
         text = (
             f"✅ {user.mention} may use sdbot again." if done else f"{user.mention} was not banned."
         )
-        await interaction.response.send_message(text, ephemeral=True)
+        await respond(interaction, text)
 
     @app_commands.command(
         name="quota", description="Set one member's daily quota (empty: back to the server's)"
@@ -236,7 +249,7 @@ class Config(app_commands.Group, name="config", description="Server settings for
             if daily is not None
             else f"↩️ {user.mention} uses the server's quota again."
         )
-        await interaction.response.send_message(text, ephemeral=True)
+        await respond(interaction, text)
 
 
 class Admin(commands.Cog):
@@ -255,7 +268,9 @@ class Admin(commands.Cog):
     @app_commands.choices(period=[app_commands.Choice(name=k, value=k) for k in PERIODS])
     async def stats(self, interaction: discord.Interaction, period: str = "week") -> None:
         guild_id = require_admin(interaction)
-        days = PERIODS.get(period, 7)
+        if period not in PERIODS:
+            raise InvalidRequest(f"The period must be one of {', '.join(PERIODS)}.")
+        days = PERIODS[period]
         now = utcnow()
         start = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
         since = start.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -297,7 +312,7 @@ class Admin(commands.Cog):
             f"Top members: {top_users}\nTop models: {top_models}"
         )
         file = discord.File(io.BytesIO(chart), filename="sdbot_stats.png")
-        await interaction.response.send_message(text, file=file, ephemeral=True)
+        await respond(interaction, text, file=file)
 
 
 async def setup(bot: commands.Bot) -> None:

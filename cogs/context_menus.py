@@ -1,8 +1,13 @@
-"""Right-click any message with an image: vary it, edit it, inpaint it, or read its parameters."""
+"""Right-click any message with an image: vary it, edit it, inpaint it, or read its parameters.
+
+Any member's picture qualifies; of sdbot's own messages, only a finished result does: a
+progress message carries a live preview, which is no image to work from.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import discord
@@ -10,19 +15,28 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import imaging, jobs
+from bot.discord_front import limits
 from bot.discord_front.intake import (
     download,
     input_loader,
     recording_refusals,
 )
 from bot.discord_front.policy import check_prompt_lengths
-from bot.discord_front.replies import echo, fit, report
-from bot.discord_front.services import Services, services
+from bot.discord_front.replies import echo, open_modal, report, respond
+from bot.discord_front.services import Services, job_here, services
 from bot.discord_front.ui import start_job
-from bot.errors import InvalidRequest
+from bot.errors import InvalidRequest, NoSuchJob
 
 VARY_STRENGTH = 0.55
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+#: The job id in the custom_id of sdbot's buttons (ui.JobButton).
+BUTTON_JOB = re.compile(r"sdbot:[a-z]+:(\d+)")
+NOT_FINAL = (
+    "That picture is not a finished result (a live preview, or a job that did not finish). "
+    "Use the result once it is posted."
+)
 
 
 def first_image(message: discord.Message) -> discord.Attachment:
@@ -30,6 +44,35 @@ def first_image(message: discord.Message) -> discord.Attachment:
         if (attachment.content_type or "").startswith("image/"):
             return attachment
     raise InvalidRequest("That message has no image attached.")
+
+
+def job_of(message: discord.Message) -> int | None:
+    """The job whose buttons a message of sdbot's carries, if any."""
+    for row in message.components:
+        for child in getattr(row, "children", ()):
+            found = BUTTON_JOB.fullmatch(getattr(child, "custom_id", None) or "")
+            if found:
+                return int(found.group(1))
+    return None
+
+
+async def final_image(
+    interaction: discord.Interaction, message: discord.Message
+) -> discord.Attachment:
+    """The picture to work from: any member's, but of sdbot's own messages only the result
+    message of a finished job (its row names the message), never a progress preview."""
+    attachment = first_image(message)
+    me = interaction.client.user
+    if me is None or message.author.id != me.id:
+        return attachment
+    job_id = job_of(message)
+    try:
+        row = await job_here(interaction, job_id) if job_id is not None else None
+    except NoSuchJob:
+        row = None
+    if row is None or row["status"] != "finished" or row["message_id"] != message.id:
+        raise InvalidRequest(NOT_FINAL)
+    return attachment
 
 
 def parameters_in(data: bytes) -> dict[str, str]:
@@ -103,7 +146,7 @@ class ContextMenus(commands.Cog):
         await start_job(interaction, command=command, params=params, load_images=load)
 
     async def vary(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        attachment = first_image(message)
+        attachment = await final_image(interaction, message)
         found = await stored_parameters(services(interaction), attachment)
         params = await self._base_params(interaction, attachment, found)
         params.update(
@@ -118,25 +161,24 @@ class ContextMenus(commands.Cog):
         await self._start(interaction, attachment, params, "vary")
 
     async def edit(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        attachment = first_image(message)
+        attachment = await final_image(interaction, message)
         found = await stored_parameters(services(interaction), attachment)
-        await interaction.response.send_modal(PromptModal(self, attachment, found, "img2img"))
+        await open_modal(interaction, PromptModal(self, attachment, found, "img2img"))
 
     async def inpaint(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        attachment = first_image(message)
+        attachment = await final_image(interaction, message)
         found = await stored_parameters(services(interaction), attachment)
-        await interaction.response.send_modal(PromptModal(self, attachment, found, "inpaint"))
+        await open_modal(interaction, PromptModal(self, attachment, found, "inpaint"))
 
     async def show_parameters(
         self, interaction: discord.Interaction, message: discord.Message
     ) -> None:
-        attachment = first_image(message)
+        attachment = await final_image(interaction, message)
         found = await stored_parameters(services(interaction), attachment)
         if not found:
             name = echo(attachment.filename, 100)
             raise InvalidRequest(f"`{name}` carries no generation parameters.")
-        reply = format_parameters_reply(attachment.filename, found)
-        await interaction.response.send_message(reply, ephemeral=True)
+        await respond(interaction, format_parameters_reply(attachment.filename, found))
 
 
 def format_parameters_reply(filename: str, found: dict[str, str]) -> str:
@@ -150,7 +192,7 @@ def format_parameters_reply(filename: str, found: dict[str, str]) -> str:
     rest = [(k, v) for k, v in found.items() if k not in ("prompt", "negative_prompt")]
     if rest:
         lines.append(" · ".join(f"{echo(k, 40)}: {echo(v, 100)}" for k, v in rest[:40]))
-    return fit("\n".join(lines))
+    return limits.content("\n".join(lines))
 
 
 class PromptModal(discord.ui.Modal):

@@ -14,14 +14,23 @@ from bot.discord_front.intake import (
     input_loader,
     recording_refusals,
 )
-from bot.discord_front.options import DESCRIBE, DESCRIBE_EDIT, image_option_autocomplete
+from bot.discord_front.limits import IMAGE_FORMATS
+from bot.discord_front.options import (
+    DESCRIBE,
+    DESCRIBE_EDIT,
+    Loras,
+    Name,
+    Negative,
+    Prompt,
+    Size,
+    check_lengths,
+    image_option_autocomplete,
+)
 from bot.discord_front.policy import check_prompt_lengths
 from bot.discord_front.services import services
 from bot.discord_front.ui import start_job
 from bot.inputs import parse_loras, parse_size
 
-Prompt = app_commands.Range[str, 1, jobs.MAX_PROMPT_CHARS]
-Negative = app_commands.Range[str, 0, jobs.MAX_PROMPT_CHARS]
 Steps = app_commands.Range[int, jobs.MIN_STEPS, jobs.MAX_STEPS]
 Guidance = app_commands.Range[float, jobs.MIN_GUIDANCE, jobs.MAX_GUIDANCE]
 Seed = app_commands.Range[int, 0, jobs.MAX_SEED]
@@ -61,6 +70,7 @@ class Generate(commands.Cog):
         svc = services(interaction)
         async with recording_refusals(interaction, command, given):
             check_prompt_lengths(given)  # first: a modified client can send any length
+            check_lengths(interaction)
             for what, attachment in (attachments or {}).items():
                 check_attachment(svc, attachment, what)
             defaults = await svc.defaults_for(interaction.guild_id)
@@ -94,14 +104,14 @@ class Generate(commands.Cog):
         interaction: discord.Interaction,
         prompt: Prompt,
         negative: Negative = "",
-        model: str | None = None,
-        size: str | None = None,
+        model: Name | None = None,
+        size: Size | None = None,
         steps: Steps | None = None,
         guidance: Guidance | None = None,
-        scheduler: str | None = None,
+        scheduler: Name | None = None,
         seed: Seed | None = None,
         count: Count = 1,
-        lora: str | None = None,
+        lora: Loras | None = None,
     ) -> None:
         params = await self._params(
             interaction, "imagine", {}, prompt=prompt, negative=negative, model=model, size=size,
@@ -112,7 +122,9 @@ class Generate(commands.Cog):
     @app_commands.command(
         name="img2img", description="Repaint an image you attach, guided by a prompt"
     )
-    @app_commands.describe(image="The picture to start from", **DESCRIBE, **DESCRIBE_EDIT)
+    @app_commands.describe(
+        image=f"The picture to start from ({IMAGE_FORMATS})", **DESCRIBE, **DESCRIBE_EDIT
+    )
     @image_option_autocomplete
     async def img2img(
         self,
@@ -121,14 +133,14 @@ class Generate(commands.Cog):
         prompt: Prompt,
         strength: Strength = 0.6,
         negative: Negative = "",
-        model: str | None = None,
-        size: str | None = None,
+        model: Name | None = None,
+        size: Size | None = None,
         steps: Steps | None = None,
         guidance: Guidance | None = None,
-        scheduler: str | None = None,
+        scheduler: Name | None = None,
         seed: Seed | None = None,
         count: Count = 1,
-        lora: str | None = None,
+        lora: Loras | None = None,
     ) -> None:
         await self._edit(
             interaction, "img2img", image, None, strength,
@@ -141,8 +153,8 @@ class Generate(commands.Cog):
         description="Repaint part of an image: the mask's white, or its transparent pixels",
     )
     @app_commands.describe(
-        image="The picture; without a mask, its transparent pixels are repainted",
-        mask="Optional black-and-white mask: white is repainted",
+        image=f"The picture ({IMAGE_FORMATS}); without a mask, its transparent pixels change",
+        mask=f"Optional black-and-white mask ({IMAGE_FORMATS}): white is repainted",
         **DESCRIBE,
         **DESCRIBE_EDIT,
     )
@@ -155,14 +167,14 @@ class Generate(commands.Cog):
         mask: discord.Attachment | None = None,
         strength: Strength = 0.9,
         negative: Negative = "",
-        model: str | None = None,
-        size: str | None = None,
+        model: Name | None = None,
+        size: Size | None = None,
         steps: Steps | None = None,
         guidance: Guidance | None = None,
-        scheduler: str | None = None,
+        scheduler: Name | None = None,
         seed: Seed | None = None,
         count: Count = 1,
-        lora: str | None = None,
+        lora: Loras | None = None,
     ) -> None:
         await self._edit(
             interaction, "inpaint", image, mask, strength,

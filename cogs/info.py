@@ -9,8 +9,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_front.intake import check_attachment, download
+from bot.discord_front.limits import listing
 from bot.discord_front.policy import can_moderate, manages_messages
-from bot.discord_front.replies import echo, fit, short
+from bot.discord_front.replies import echo, respond, short
 from bot.discord_front.services import job_here, services
 from bot.errors import InvalidRequest, NoSuchJob
 from cogs.context_menus import format_parameters_reply, parameters_in
@@ -34,8 +35,9 @@ class Info(commands.Cog):
         status = svc.backend.status()
         mine = await svc.db.jobs_of(interaction.user.id, interaction.guild_id, active=True)
         mine.reverse()  # oldest first, as they run
-        lines = [f"**Queue:** {status.queue_length} waiting · {len(status.running)} running"]
+        head = f"**Queue:** {status.queue_length} waiting · {len(status.running)} running"
         positions = svc.backend.positions()
+        lines = []
         for row in mine:
             where = (
                 "running now"
@@ -46,7 +48,7 @@ class Info(commands.Cog):
             lines.append(f"{icon} job #{row['id']} — {echo(row['prompt'], 60)} — {where}")
         if not mine:
             lines.append("You have no jobs waiting here.")
-        await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)
+        await respond(interaction, listing(head, lines))
 
     @app_commands.command(
         name="cancel", description="Cancel your latest waiting or running job, or one by number"
@@ -67,7 +69,7 @@ class Info(commands.Cog):
             raise NoSuchJob(job)
         if not await svc.backend.cancel(job):
             raise InvalidRequest(f"Job #{job} is already {row['status']}.")
-        await interaction.response.send_message(f"✖️ Cancelling job #{job}.", ephemeral=True)
+        await respond(interaction, f"✖️ Cancelling job #{job}.")
 
     @app_commands.command(name="history", description="Your latest jobs, with links to the results")
     @app_commands.describe(user="Someone else's history (moderators only)")
@@ -79,11 +81,9 @@ class Info(commands.Cog):
             raise InvalidRequest("Only moderators can see other members' history.")
         rows = await services(interaction).db.jobs_of(target.id, interaction.guild_id, limit=10)
         if not rows:
-            await interaction.response.send_message(
-                f"No jobs for {target.mention} yet.", ephemeral=True
-            )
+            await respond(interaction, f"No jobs for {target.mention} yet.")
             return
-        lines = [f"**Latest jobs of {target.mention}**"]
+        lines = []
         for row in rows:
             link = jump_url(row["guild_id"], row["channel_id"], row["message_id"])
             where = f" — [result]({link})" if link and row["status"] == "finished" else ""
@@ -92,18 +92,20 @@ class Info(commands.Cog):
                 if row["error"] and row["status"] != "finished"
                 else ""
             )
+            # A refused or waiting job has no seed yet: say nothing rather than "None".
+            seed = f" seed {row['seed']}" if row["seed"] is not None else ""
             lines.append(
                 f"{STATUS_ICONS.get(row['status'], '•')} #{row['id']} {row['command']} "
-                f"“{echo(row['prompt'], 50)}” seed {row['seed']}{where}{why}"
+                f"“{echo(row['prompt'], 50)}”{seed}{where}{why}"
             )
-        await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)
+        await respond(interaction, listing(f"**Latest jobs of {target.mention}**", lines))
 
     @app_commands.command(name="models", description="The models this server can use")
     async def models(self, interaction: discord.Interaction) -> None:
         svc = services(interaction)
         loaded = set(svc.backend.status().loaded_models)
         allowed = await svc.allowed_models(interaction.guild_id)
-        lines = ["**Models** (● loaded now)"]
+        lines = []
         for entry in svc.catalog.entries:
             if entry.name not in allowed:
                 continue
@@ -112,7 +114,7 @@ class Info(commands.Cog):
                 f"{mark} **{entry.name}** — {entry.native_size}px · {entry.size} · "
                 f"speed {entry.speed} · quality {entry.quality}\n   {short(entry.description, 120)}"
             )
-        await interaction.response.send_message(fit("\n".join(lines)), ephemeral=True)
+        await respond(interaction, listing("**Models** (● loaded now)", lines))
 
     @app_commands.command(
         name="pnginfo", description="Read the generation parameters stored in a PNG"
@@ -128,8 +130,7 @@ class Info(commands.Cog):
         found = await asyncio.to_thread(parameters_in, data)
         if not found:
             raise InvalidRequest(f"`{echo(image.filename, 100)}` carries no generation parameters.")
-        reply = format_parameters_reply(image.filename, found)
-        await interaction.response.send_message(reply, ephemeral=True)
+        await respond(interaction, format_parameters_reply(image.filename, found))
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -188,13 +188,14 @@ async def test_prompts_and_names_quoted_back_ping_no_one(
     result = await result_for(c, sent)
     assert result["content"].startswith(f"<@{member}> ")
     await reply_to(c, await c.slash("history"), member)
-    bad_model = {"prompt": "x", "model": f"<@{victim}> @everyone " + "m" * 3000}
+    bad_model = {"prompt": "x", "model": f"<@{victim}> @everyone " + "m" * 60}
     error = await reply_to(c, await c.slash("imagine", bad_model, validate=False), member)
     assert "Unknown model" in error
     png = png_with_parameters(f"{evil}\nNegative prompt: {evil}\nSteps: 2, Seed: 1")
     att = await c.upload(png, "params.png", "image/png")
     await reply_to(c, await c.slash("pnginfo", {"image": att["id"]}), member)
-    harness.bot.interrupted = [{"id": 1, "user_id": member, "channel_id": channel, "prompt": evil}]
+    lost = {"id": 1, "user_id": member, "channel_id": channel, "prompt": evil, "message_id": None}
+    harness.bot.interrupted = [lost]
     await harness.bot.tell_interrupted()
 
     kinds = {"queue": "**Queue:**", "result": "seed `", "history": "Latest jobs", "error": "⚠️",
@@ -286,11 +287,13 @@ async def web_server() -> AsyncIterator[str]:
 async def test_downloads_follow_no_redirect_and_stop_at_the_cap(
     harness: Harness, web_server: str
 ) -> None:
-    svc = harness.bot.services
+    # Attachments come only from the configured server's origin: here, this web server's.
+    settings = harness.bot.services.settings.model_copy(update={"discord_api_base": web_server})
+    svc = replace(harness.bot.services, settings=settings)
     assert (await read_image(svc, f"{web_server}/picture")).size == (64, 64)
     with pytest.raises(InvalidRequest, match="HTTP 302"):
         await read_image(svc, f"{web_server}/redirect")
-    one_mb = replace(svc, settings=svc.settings.model_copy(update={"max_attachment_mb": 1.0}))
+    one_mb = replace(svc, settings=settings.model_copy(update={"max_attachment_mb": 1.0}))
     with pytest.raises(InvalidRequest, match="1 MB limit"):
         await download(one_mb, f"{web_server}/big")
 

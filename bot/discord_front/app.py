@@ -19,7 +19,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_front.replies import echo, fit, owner_only, report
+from bot.discord_front.replies import echo, owner_only, post, report, rewrite
 from bot.discord_front.services import Services
 from bot.discord_front.ui import rerun_view
 from bot.errors import InvalidRequest, SettingsError
@@ -175,24 +175,39 @@ class SdBot(commands.Bot):
         return True
 
     async def tell_interrupted(self) -> None:
-        """After a crash, tell each owner their job was lost, with a button to run it again."""
+        """After a crash, tell each owner their job was lost, with a button to run it again,
+        and close its progress message, which would otherwise say "Starting…" for ever."""
         rows, self.interrupted = self.interrupted, []
         for row in rows:
             if not row["channel_id"]:
                 continue
-            text = fit(
+            channel = self.get_partial_messageable(row["channel_id"])
+            await self._close_progress(channel, row)
+            text = (
                 f"<@{row['user_id']}> sdbot restarted before job #{row['id']} "
                 f"(“{echo(row['prompt'], 80)}”) finished, so it was not run."
             )
-            channel = self.get_partial_messageable(row["channel_id"])
             try:
-                await channel.send(
-                    text, view=rerun_view(row["id"]), allowed_mentions=owner_only(row["user_id"])
+                await post(
+                    channel, text, view=rerun_view(row["id"]), mentions=owner_only(row["user_id"])
                 )
             except discord.HTTPException as exc:
                 log.warning(
                     "could not tell user %s about job %s: %s", row["user_id"], row["id"], exc
                 )
+
+    async def _close_progress(self, channel: discord.PartialMessageable, row: Any) -> None:
+        """Edit an interrupted job's progress message (the job row names it while the job
+        runs) through the channel: the interaction token that made it died with the old
+        process. Gone already, or not ours to edit: nothing to close."""
+        message_id = row["message_id"]
+        if not message_id:
+            return
+        text = f"⚡ **{echo(row['prompt'])}** — interrupted: sdbot restarted before it finished."
+        try:
+            await rewrite(channel, message_id, text)
+        except discord.HTTPException as exc:
+            log.info("could not close the progress message of job %s: %s", row["id"], exc)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """Answer clicks on components that are not ours (another bot's id, a forged one):

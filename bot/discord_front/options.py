@@ -1,4 +1,10 @@
-"""Option descriptions and autocomplete shared by every command that generates images."""
+"""Option types, descriptions and autocomplete shared by the commands, and the length check
+that holds members' text to what those options declare.
+
+Every string option declares a `max_length`, so Discord's client refuses longer text; a
+modified client can still send any length, so `check_lengths` refuses it again on arrival,
+before anything quotes it back.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,31 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import discord
-from discord import app_commands
+from discord import AppCommandOptionType, app_commands
 
 from bot import jobs
+from bot.discord_front import limits
 from bot.discord_front.services import services
+from bot.errors import InvalidRequest
 from bot.inputs import size_suggestions
 from bot.samplers import SCHEDULER_NAMES
 
 T = TypeVar("T")
 
-MAX_CHOICES = 25  # Discord shows at most 25 suggestions
+Prompt = app_commands.Range[str, 1, jobs.MAX_PROMPT_CHARS]
+Negative = app_commands.Range[str, 0, jobs.MAX_PROMPT_CHARS]
+#: A model or sampler name (the catalog's names are short; 100 leaves room).
+Name = app_commands.Range[str, 1, 100]
+#: WIDTHxHEIGHT.
+Size = app_commands.Range[str, 1, 20]
+#: Comma-separated LoRA names with weights.
+Loras = app_commands.Range[str, 1, 200]
+#: A /config setting's name, and the text of its new value.
+SettingKey = app_commands.Range[str, 1, 50]
+SettingValue = app_commands.Range[str, 1, 200]
+#: A blocklist entry, as bot.blocklist accepts it, and a ban's reason.
+Pattern = app_commands.Range[str, 1, 200]
+Reason = app_commands.Range[str, 0, 200]
 
 DESCRIBE = {
     "prompt": "What to draw, e.g. 'a lighthouse at dusk, oil painting'",
@@ -53,22 +74,40 @@ def image_option_autocomplete(command: T) -> T:
     return complete(command)
 
 
-def _matching(values: list[str], current: str) -> list[app_commands.Choice[str]]:
+def check_lengths(interaction: discord.Interaction) -> None:
+    """Refuse string options longer than the command declares, naming the option and the
+    limit but not quoting the text (a modified client may send thousands of characters)."""
+    command = interaction.command
+    if not isinstance(command, app_commands.Command):
+        return
+    for param in command.parameters:
+        if param.type is not AppCommandOptionType.string or param.max_value is None:
+            continue
+        value = getattr(interaction.namespace, param.display_name, None)
+        if isinstance(value, str) and len(value) > param.max_value:
+            raise InvalidRequest(
+                f"The {param.display_name} is {len(value)} characters long; "
+                f"the limit is {param.max_value:g}."
+            )
+
+
+def matching(values: list[str], current: str) -> list[app_commands.Choice[str]]:
+    """Suggestions among `values` containing what was typed, within Discord's limits."""
     needle = current.strip().lower()
     hits = [v for v in values if needle in v.lower()] if needle else values
-    return [app_commands.Choice(name=v[:100], value=v[:100]) for v in hits[:MAX_CHOICES]]
+    return limits.choices([app_commands.Choice(name=v, value=v) for v in hits])
 
 
 async def model_autocomplete(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    return _matching(await services(interaction).allowed_models(interaction.guild_id), current)
+    return matching(await services(interaction).allowed_models(interaction.guild_id), current)
 
 
 async def scheduler_autocomplete(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    return _matching(scheduler_choices(), current)
+    return matching(scheduler_choices(), current)
 
 
 async def lora_autocomplete(
@@ -77,10 +116,12 @@ async def lora_autocomplete(
     # Complete the last comma-separated name, keeping what was typed before it.
     head, _, last = current.rpartition(",")
     prefix = f"{head}, " if head else ""
-    return [
-        app_commands.Choice(name=(prefix + c.value)[:100], value=(prefix + c.value)[:100])
-        for c in _matching(services(interaction).catalog.loras(), last)
-    ]
+    return limits.choices(
+        [
+            app_commands.Choice(name=prefix + c.value, value=prefix + c.value)
+            for c in matching(services(interaction).catalog.loras(), last)
+        ]
+    )
 
 
 async def size_autocomplete(
@@ -95,4 +136,4 @@ async def size_autocomplete(
         native = entry.native_size
     except Exception:
         native = 512
-    return _matching(size_suggestions(native), current)
+    return matching(size_suggestions(native), current)

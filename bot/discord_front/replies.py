@@ -1,5 +1,9 @@
 """Discord replies in one place: progress, results, errors, and Discord's limits.
 
+Every reply the front sends goes out through a helper here (`respond`, `send_ephemeral`,
+`open_modal`, the JobFollower's edits and posts), and each passes it through limits.py on
+the way out, so no member's text can make Discord refuse it.
+
 Nothing here touches the GPU; PNG re-encoding for upload limits runs in a thread. The buttons
 under messages come from ui.py, which starts jobs itself: they are passed in, not imported.
 """
@@ -21,6 +25,7 @@ from PIL import Image
 
 from bot import outputs
 from bot.backend import Failed, Finished, Job, Progress, Queued, Started
+from bot.discord_front import limits
 from bot.discord_front.policy import nsfw_action
 from bot.discord_front.services import Services
 from bot.errors import SdbotError
@@ -32,13 +37,10 @@ EDIT_INTERVAL_S = 1.0
 BAR_WIDTH = 12
 #: Discord's own default upload limit when an interaction does not say.
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
-#: Discord refuses message content longer than this (characters).
-MAX_CONTENT = 2000
 
 
 def short(text: str, limit: int = 80) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return limits.cut(" ".join(text.split()), limit)
 
 
 def echo(text: str, limit: int = 80) -> str:
@@ -46,11 +48,6 @@ def echo(text: str, limit: int = 80) -> str:
     characters, its mentions defused so that quoting `<@id>` or `@everyone` pings no one
     even where a message may mention the job's owner."""
     return discord.utils.escape_mentions(short(text, limit))
-
-
-def fit(content: str) -> str:
-    """Content within Discord's limit; every message the front sends goes through here."""
-    return content if len(content) <= MAX_CONTENT else content[: MAX_CONTENT - 1] + "…"
 
 
 def owner_only(user_id: int) -> discord.AllowedMentions:
@@ -157,9 +154,15 @@ class JobFollower:
         self._last_edit = 0.0
 
     async def run(self) -> None:
+        if self.original_id is not None:
+            # The progress message, until the result replaces it: after a crash the restarted
+            # bot finds it here to say the job was interrupted (app.tell_interrupted).
+            await self.svc.db.set_message_id(self.job.id, self.original_id)
         view = self.progress_view(self.job.id)
         async for event in self.job.stream():
             if isinstance(event, (Queued, Started, Progress)):
+                if self.job.cancel_requested:
+                    continue  # the Cancel click already said so; no button to bring back
                 now = time.monotonic()
                 # Queue moves and the start always show; steps at most once a second.
                 if isinstance(event, Progress) and now - self._last_edit < EDIT_INTERVAL_S:
@@ -171,19 +174,27 @@ class JobFollower:
                 await self._deliver(event)
             elif isinstance(event, Failed):
                 failure = discord.utils.escape_mentions(short(event.error.message, 400))
-                await self._edit(f"❌ **{echo(self.job.request.prompt)}** — {failure}", view=None)
+                # No preview left behind: only a finished result carries a picture.
+                await self._edit(
+                    f"❌ **{echo(self.job.request.prompt)}** — {failure}", view=None, preview=b""
+                )
 
     async def _edit(
         self, content: str, *, view: discord.ui.View | None, preview: bytes | None = None
     ) -> None:
+        """Edit the progress message; `preview` replaces its picture (b"": none), None keeps
+        it."""
         if not self._editable:
             return
-        content = fit(content)
+        content = limits.content(content)
+        view = limits.view(view) if view is not None else None
         try:
             if preview is not None:
-                file = discord.File(io.BytesIO(preview), filename="preview.png")
+                files = (
+                    [discord.File(io.BytesIO(preview), filename="preview.png")] if preview else []
+                )
                 await self.interaction.edit_original_response(
-                    content=content, view=view, attachments=[file]
+                    content=content, view=view, attachments=files
                 )
             else:
                 await self.interaction.edit_original_response(content=content, view=view)
@@ -222,10 +233,11 @@ class JobFollower:
             content += (
                 "\n-# Re-encoded to fit this server's upload limit; the PNG metadata was dropped."
             )
-        content = fit(content)
-        view = self.result_view(job.id, len(done.images))
+        content = limits.content(content)
+        view = limits.view(self.result_view(job.id, len(done.images)))
         mentions = owner_only(job.origin.user_id)
-        message: discord.Message | None = None
+        channel: discord.PartialMessageable | None = None
+        message: discord.Message
         try:
             message = await self.interaction.followup.send(
                 content=content, files=files, view=view, wait=True, allowed_mentions=mentions
@@ -237,19 +249,22 @@ class JobFollower:
                 file.reset()
             channel = self.interaction.client.get_partial_messageable(job.origin.channel_id or 0)
             try:
-                message = await channel.send(
-                    content=content, files=files, view=view, allowed_mentions=mentions
-                )
+                message = await post(channel, content, view=view, files=files, mentions=mentions)
             except discord.HTTPException:
                 log.exception("could not deliver the result of job %d", job.id)
                 return
-        else:
-            if message.id != self.original_id:
-                # The progress message has served its purpose; the result is a fresh message
-                # so the user gets a notification, as with Midjourney.
-                with contextlib.suppress(discord.HTTPException):
-                    await self.interaction.delete_original_response()
+        # The row names its result before anything else: buttons and menus look it up there.
         await self.svc.db.set_message_id(job.id, message.id)
+        if self.original_id is None or message.id == self.original_id:
+            return
+        # The progress message has served its purpose; the result is a fresh message so the
+        # member gets a notification, as with Midjourney. Without a token (it expired) the
+        # bot's own message can still be deleted through the channel.
+        with contextlib.suppress(discord.HTTPException):
+            if channel is None:
+                await self.interaction.delete_original_response()
+            else:
+                await channel.get_partial_message(self.original_id).delete()
 
 
 async def report(interaction: discord.Interaction, error: BaseException) -> None:
@@ -264,7 +279,12 @@ async def report(interaction: discord.Interaction, error: BaseException) -> None
     elif isinstance(error, app_commands.CheckFailure):
         message = str(error) or "You can't use this command here."
     elif isinstance(error, app_commands.TransformerError):
-        message = f"That value isn't valid: {short(repr(error.value), 100)}."
+        cause = error.__cause__
+        message = (
+            cause.message
+            if isinstance(cause, SdbotError)
+            else f"That value isn't valid: “{echo(str(error.value), 60)}”."
+        )
     else:
         log.error(
             "unexpected error in %s (interaction %s):\n%s",
@@ -283,14 +303,72 @@ def _command_name(interaction: discord.Interaction) -> str:
     return f"component {data.get('custom_id', '?')}"
 
 
+async def respond(
+    interaction: discord.Interaction,
+    text: str,
+    *,
+    ephemeral: bool = True,
+    view: discord.ui.View | None = None,
+    embed: discord.Embed | None = None,
+    file: discord.File | None = None,
+) -> None:
+    """Answer an interaction (or follow up once it is answered), within Discord's limits.
+    Mentions in `text` render but ping no one: the bot allows none by default."""
+    text = limits.content(text)
+    extra: dict[str, Any] = {}
+    if view is not None:
+        extra["view"] = limits.view(view)
+    if embed is not None:
+        extra["embed"] = limits.embed(embed)
+    if file is not None:
+        extra["file"] = file
+    if interaction.response.is_done():
+        await interaction.followup.send(text, ephemeral=ephemeral, **extra)
+    else:
+        await interaction.response.send_message(text, ephemeral=ephemeral, **extra)
+
+
+async def post(
+    channel: discord.abc.Messageable,
+    text: str,
+    *,
+    view: discord.ui.View | None = None,
+    files: Sequence[discord.File] = (),
+    mentions: discord.AllowedMentions | None = None,
+) -> discord.Message:
+    """A message of the bot's own in a channel, not an interaction's reply, within limits."""
+    extra: dict[str, Any] = {}
+    if view is not None:
+        extra["view"] = limits.view(view)
+    if files:
+        extra["files"] = list(files)
+    if mentions is not None:
+        extra["allowed_mentions"] = mentions
+    return await channel.send(limits.content(text), **extra)
+
+
+async def rewrite(channel: discord.PartialMessageable, message_id: int, text: str) -> None:
+    """Replace a message of the bot's, its buttons and pictures dropped, through the channel:
+    for when no interaction token can edit it any more."""
+    await channel.get_partial_message(message_id).edit(
+        content=limits.content(text), view=None, attachments=[]
+    )
+
+
+async def update_clicked(interaction: discord.Interaction, text: str) -> None:
+    """Answer a button click by rewriting the message the button is on, its buttons gone."""
+    await interaction.response.edit_message(content=limits.content(text), view=None)
+
+
+async def open_modal(interaction: discord.Interaction, modal: discord.ui.Modal) -> None:
+    """Answer with `modal`, its title and inputs within Discord's limits."""
+    await interaction.response.send_modal(limits.modal(modal))
+
+
 async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:
     """An ephemeral note; error messages may quote member text, so mentions are defused."""
-    text = fit(discord.utils.escape_mentions(text))
     try:
-        if interaction.response.is_done():
-            await interaction.followup.send(text, ephemeral=True)
-        else:
-            await interaction.response.send_message(text, ephemeral=True)
+        await respond(interaction, discord.utils.escape_mentions(text))
     except discord.HTTPException:
         log.warning("could not deliver an error message for interaction %s", interaction.id)
 
@@ -299,6 +377,6 @@ async def replace_with_error(interaction: discord.Interaction, message: str) -> 
     """After a public defer: drop the 'thinking' message, tell only the user why."""
     with contextlib.suppress(discord.HTTPException):
         await interaction.delete_original_response()
-    text = fit(f"⚠️ {discord.utils.escape_mentions(message)}")
+    text = limits.content(f"⚠️ {discord.utils.escape_mentions(message)}")
     with contextlib.suppress(discord.HTTPException):
         await interaction.followup.send(text, ephemeral=True)

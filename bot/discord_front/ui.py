@@ -18,7 +18,7 @@ from PIL import Image
 from bot import imaging
 from bot.discord_front.intake import ImageLoader, input_loader, queue_job, read_image
 from bot.discord_front.policy import can_moderate
-from bot.discord_front.replies import JobFollower, report
+from bot.discord_front.replies import JobFollower, open_modal, report, update_clicked
 from bot.discord_front.services import Services, job_here, services
 from bot.errors import InvalidRequest
 from bot.jobs import MAX_SIZE, LoraSpec, new_seed, snap_to_8
@@ -109,7 +109,7 @@ class JobButton(
                 )
             if not await svc.backend.cancel(self.job_id):
                 raise InvalidRequest(f"Job #{self.job_id} has already finished.")
-            await interaction.response.send_message("Cancelling…", ephemeral=True)
+            await _say_cancelling(interaction)
         elif self.action == "delete":
             if not can_moderate(interaction, row["user_id"]):
                 raise InvalidRequest(
@@ -119,11 +119,22 @@ class JobButton(
             if interaction.message is not None:
                 await interaction.message.delete()
         elif self.action == "edit":
-            await interaction.response.send_modal(EditPromptModal(self.job_id, params))
+            await open_modal(interaction, EditPromptModal(self.job_id, params))
         elif self.action == "reroll":
             await _rerun(interaction, params, command="reroll", seed=new_seed())
         elif self.action in ("vary", "upscale"):
             await _from_result_image(svc, interaction, params, self.action, self.index or 1)
+
+
+async def _say_cancelling(interaction: discord.Interaction) -> None:
+    """Answer a Cancel click on the progress message itself, its button gone, rather than
+    with a note of its own that would outlive the job; the follower then shows how it ended."""
+    message = interaction.message
+    if message is None:
+        await interaction.response.defer()
+        return
+    head = message.content.split("\n", 1)[0]
+    await update_clicked(interaction, f"{head}\n✖️ Cancelling…")
 
 
 async def _rerun(
