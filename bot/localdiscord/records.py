@@ -134,6 +134,19 @@ class Interaction:
     #: What the bot answered: a modal it opened, or autocomplete suggestions.
     modal: dict[str, Any] | None = None
     autocomplete_choices: list[dict[str, Any]] | None = None
+    #: The last message the bot sent or edited for this interaction, in brief (see `reply`):
+    #: what a member last saw in answer, so tests and the load bench can tell it got one.
+    last_reply: dict[str, Any] | None = None
+
+    def reply(self, how: str, message: dict[str, Any]) -> None:
+        """Note a message the bot answered with: how ("callback", "followup" or "edit")."""
+        self.last_reply = {
+            "how": how,
+            "message_id": message["id"],
+            "content": message.get("content") or "",
+            "files": [a["filename"] for a in message.get("attachments") or []],
+            "ephemeral": bool(int(message.get("flags") or 0) & EPHEMERAL),
+        }
 
     def token_valid(self) -> bool:
         return not self.expired and time.monotonic() - self.created < TOKEN_LIFETIME_S
@@ -147,6 +160,7 @@ class Interaction:
             "original_message_id": _str_or_none(self.original_message_id),
             "followup_ids": [str(i) for i in self.followup_ids],
             "modal": self.modal,
+            "last_reply": self.last_reply,
             "expired": not self.token_valid(),
         }
 

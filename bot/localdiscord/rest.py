@@ -134,6 +134,7 @@ class RestApi:
                 inter.channel_id, world.bot, data, files, interaction=inter, webhook=True
             )
             inter.original_message_id = int(message["id"])
+            inter.reply("callback", message)
         elif ctype == 5:
             flags = LOADING | (int(data.get("flags") or 0) & EPHEMERAL)
             message = world.create_message(
@@ -147,6 +148,7 @@ class RestApi:
             inter.original_message_id = int(source["id"])
             if ctype == 7:
                 message = world.edit_message(int(source["id"]), data, files)
+                inter.reply("edit", message)
         elif ctype == 8:
             inter.autocomplete_choices = list(data.get("choices") or [])
         elif ctype == 9:
@@ -201,6 +203,7 @@ class RestApi:
                 inter.channel_id, world.bot, body, files, interaction=inter, webhook=True
             )
             inter.followup_ids.append(int(message["id"]))
+        inter.reply("followup", message)
         if request.query.get("wait", "").lower() in ("1", "true"):
             return json_response(public(message))
         return web.Response(status=204)
@@ -214,7 +217,9 @@ class RestApi:
         inter = self._webhook_interaction(request)
         mid = self._webhook_message_id(inter, request.match_info["mid"])
         body, files = await self._read_body(request)
-        return json_response(public(self.world.edit_message(mid, body, files)))
+        message = self.world.edit_message(mid, body, files)
+        inter.reply("edit", message)
+        return json_response(public(message))
 
     async def webhook_delete(self, request: web.Request) -> web.Response:
         inter = self._webhook_interaction(request)
