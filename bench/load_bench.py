@@ -325,10 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("data/cache"))
     parser.add_argument(
         "--engine",
-        choices=("tiny", "standin"),
-        default="tiny",
+        choices=("auto", "tiny", "standin"),
+        default="auto",
         help="tiny: the tiny model, real diffusion; standin: a GPU stand-in that sleeps through "
-        "each step (bench/standin_engine.py), for the bot's own lag on a machine without a GPU",
+        "each step (bench/standin_engine.py), for the bot's own lag on a machine without a GPU; "
+        "auto (default): tiny on a GPU, the stand-in on CPU, where diffusion would take a core "
+        "and the GIL from the bot as no GPU deployment does",
     )
     parser.add_argument("--device", default="cpu", help="for the tiny model: cpu, cuda, ...")
     parser.add_argument(
@@ -344,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also sample where slow loop callbacks were (perturbs the lag a little)",
     )
     args = parser.parse_args(argv)
+    if args.engine == "auto":
+        args.engine = "standin" if args.device == "cpu" else "tiny"
     engine: Engine | StandInEngine | None = None
     if args.engine == "standin":
         engine, what = StandInEngine(), "a GPU stand-in"
