@@ -34,7 +34,7 @@ class JobOrigin:
     interaction_id: int | None = None
 
 
-# -- events a job emits, in order: Queued*, Started, Progress*, then Finished or Failed ---------
+# -- events a job emits, in order: Queued*, Started, Loading?, Progress*, then Finished or Failed
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,15 @@ class Queued:
 @dataclass(frozen=True)
 class Started:
     pass
+
+
+@dataclass(frozen=True)
+class Loading:
+    """Sent after Started when the job's model is not loaded on the worker that runs it: the
+    first use of a hub model downloads gigabytes, so the wait is worth telling apart from a
+    slow start. No percentage: diffusers offers no download progress hook."""
+
+    model: str  # as the request names it
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ class Failed:
     error: SdbotError  # error.message is written for the user; the job row keeps any detail
 
 
-Event = Queued | Started | Progress | Finished | Failed
+Event = Queued | Started | Loading | Progress | Finished | Failed
 
 
 class UserQueueFull(QueueFull):

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from bot.catalog import Catalog
 from bot.db import Database
 from bot.discord_front.app import SdBot, configure_api_base
 from bot.discord_front.services import Services
-from bot.errors import SettingsError
+from bot.errors import SdbotError, SettingsError
 from bot.executor import GpuExecutor
 from bot.guild_config import GuildConfigs
 from bot.settings import Settings, check_default_model, is_loopback_url
@@ -32,9 +33,18 @@ log = logging.getLogger(__name__)
 
 @contextlib.asynccontextmanager
 async def bot_resources(
-    settings: Settings, *, sync: bool = False, engine: Engine | None = None, **bot_options: Any
+    settings: Settings,
+    *,
+    sync: bool = False,
+    engine: Engine | None = None,
+    preload: bool | asyncio.Event = True,
+    **bot_options: Any,
 ) -> AsyncIterator[SdBot]:
-    """Open everything the bot needs, in order, and close it in reverse even on errors."""
+    """Open everything the bot needs, in order, and close it in reverse even on errors.
+
+    preload: load the default model in the background, so that the first member does not wait
+        for it: True = at once, an Event = once it is set, False = not until a job needs it.
+    """
     catalog = Catalog.load(settings.models_file, settings.lora_dir)
     check_default_model(settings, catalog)
     # sdbot has no voice: discord.py's warnings about the voice libraries are noise.
@@ -55,6 +65,11 @@ async def bot_resources(
         executor.engine.on_load = executor.load_recorder()
         await executor.start()
         stack.push_async_callback(executor.close)
+        if preload is not False:
+            gate = preload if isinstance(preload, asyncio.Event) else None
+            task = asyncio.create_task(_preload(executor, settings.default_model.strip(), gate))
+            # Runs before executor.close(), which does not wait long for a load in progress.
+            stack.push_async_callback(_cancel, task)
         # For downloading attachments and earlier results; bounded so a slow CDN cannot wedge
         # a job. Closed after the bot, which the caller closes first.
         http = await stack.enter_async_context(
@@ -69,6 +84,29 @@ async def bot_resources(
             http=http,
         )
         yield SdBot(services, sync=sync, interrupted=stale, **bot_options)
+
+
+async def _preload(executor: GpuExecutor[Any], model: str, gate: asyncio.Event | None) -> None:
+    """Load `model` on every worker, saying so in the log; a failure is one warning line and
+    the bot carries on (the model loads again, or fails for the member, at first use)."""
+    if gate is not None:
+        await gate.wait()
+    log.info("loading default model %s…", model)
+    started = time.perf_counter()
+    try:
+        await executor.preload(model)
+    except Exception as exc:
+        # The whole message: an engine's load error says what to do about it.
+        why = exc.message if isinstance(exc, SdbotError) else _describe(exc)
+        log.warning("could not preload default model %s; the bot runs on: %s", model, why)
+        return
+    log.info("model %s ready in %.1f s", model, time.perf_counter() - started)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _tidy(db: Database, settings: Settings) -> list[Any]:
@@ -118,9 +156,12 @@ async def run_bot(settings: Settings, *, sync: bool = False) -> None:
     await configure_api_base(settings.discord_api_base)
     if settings.discord_api_base and is_loopback_url(settings.discord_api_base):
         quiet_loopback_heartbeat()
-    async with bot_resources(settings, sync=sync) as bot, bot:
+    # After the login: a wrong token must not start a download that the exit then waits for.
+    logged_in = asyncio.Event()
+    async with bot_resources(settings, sync=sync, preload=logged_in) as bot, bot:
         _close_on_signals(bot)
         await login(bot, token, where=settings.discord_api_base or "discord.com")
+        logged_in.set()
         await bot.connect()
 
 

@@ -24,7 +24,7 @@ from discord import app_commands
 from PIL import Image
 
 from bot import outputs
-from bot.backend import Failed, Finished, Job, Progress, Queued, Started
+from bot.backend import Failed, Finished, Job, Loading, Progress, Queued, Started
 from bot.discord_front import limits
 from bot.discord_front.policy import nsfw_action
 from bot.discord_front.services import Services
@@ -62,12 +62,18 @@ def progress_bar(step: int, total: int) -> str:
     return "▰" * filled + "▱" * (BAR_WIDTH - filled)
 
 
-def status_text(job: Job, event: Queued | Started | Progress) -> str:
+def status_text(job: Job, event: Queued | Started | Loading | Progress) -> str:
     head = f"**{echo(job.request.prompt)}** — {job.request.mode} · job #{job.id}"
     if isinstance(event, Queued):
         return f"{head}\n⏳ Queued: #{event.position} in line"
     if isinstance(event, Started):
         return f"{head}\n🎨 Starting…"
+    if isinstance(event, Loading):
+        # No percentage: diffusers has no download progress hook to read one from.
+        return (
+            f"{head}\n📦 Loading model `{echo(event.model, 60)}`… "
+            "(first use can take a few minutes)"
+        )
     return f"{head}\n🎨 {progress_bar(event.step, event.total)} step {event.step}/{event.total}"
 
 
@@ -160,7 +166,7 @@ class JobFollower:
             await self.svc.db.set_message_id(self.job.id, self.original_id)
         view = self.progress_view(self.job.id)
         async for event in self.job.stream():
-            if isinstance(event, (Queued, Started, Progress)):
+            if isinstance(event, (Queued, Started, Loading, Progress)):
                 if self.job.cancel_requested:
                     continue  # the Cancel click already said so; no button to bring back
                 now = time.monotonic()

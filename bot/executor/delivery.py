@@ -3,8 +3,8 @@
 Everything here runs on the event loop, except the PNG encoding (results, grids, previews),
 which runs in `asyncio.to_thread` so that neither the loop nor a worker waits on it. It writes
 the job rows (mark_running, mark_done) and model-load records, and puts each job's events on
-its queue: Started, Progress (with previews, in order), then exactly one Finished or Failed,
-after the row that says so.
+its queue: Started, Loading when the model must be loaded first, Progress (with previews, in
+order), then exactly one Finished or Failed, after the row that says so.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from bot.backend import (
     Event,
     Failed,
     Finished,
+    Loading,
     LoadRecordLike,
     Progress,
     ResultLike,
@@ -59,6 +60,11 @@ class Delivery:
             if not job.done:
                 job.events.put_nowait(Started())
                 self.spawn(self.db.mark_running(job.id))
+
+    def loading(self, jobs: Sequence[LocalJob], model: str) -> None:
+        for job in jobs:
+            if not job.done:
+                job.events.put_nowait(Loading(model))
 
     def progress(self, job: LocalJob, step: int, total: int, preview: Image.Image | None) -> None:
         if job.done:

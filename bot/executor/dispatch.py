@@ -132,6 +132,12 @@ class Dispatcher:
             self._cond.notify_all()
         return future
 
+    def learn(self, requested: str, name: str) -> None:
+        """`requested` (a source, say) loaded under `name`: for a load outside a batch (preload),
+        so that the first job spelling the model that way does not count as a model switch."""
+        with self._cond:
+            self._learn_locked(requested, name)
+
     def reorder(self) -> None:
         """Tell every waiting job whose place changed."""
         with self._cond:
@@ -225,8 +231,10 @@ class Dispatcher:
         chosen = set(planned)
         return planned + [job for job in fair if job not in chosen]
 
-    def _on_taken(self, batch: Batch[LocalJob], places: _Places) -> None:
+    def _on_taken(self, batch: Batch[LocalJob], places: _Places, loading: bool) -> None:
         self.delivery.started(batch.jobs)
+        if loading:
+            self.delivery.loading(batch.jobs, batch.jobs[0].request.model)
         self._announce(places)
 
     def _on_cancelled(self, job: LocalJob) -> None:
@@ -258,12 +266,12 @@ class Dispatcher:
                 return call
             if self.closing:
                 return None
-            batch = self._take_locked(slot)
+            batch, loading = self._take_locked(slot)
             # The places as of this take, so that the job that runs next hears it is first in
             # line before it starts, however much faster than the loop this worker is.
             places = self._places_locked()
             slot.busy_since = time.perf_counter()
-        self._post(self._on_taken, batch, places)
+        self._post(self._on_taken, batch, places, loading)
         return batch
 
     def progress(self, job: LocalJob, step: int, total: int, preview: Image.Image | None) -> None:
@@ -289,17 +297,21 @@ class Dispatcher:
             slot.busy_since = None
             slot.loaded = loaded
             if learnt is not None:
-                if len(self._aliases) > 1000:
-                    self._aliases.clear()
-                self._aliases[learnt[0]] = learnt[1]
+                self._learn_locked(*learnt)
             if batch is None:
                 return
             # The loaded models may have changed, and with them the expected order.
             places = self._places_locked()
         self._post(self._on_done, batch, outcomes, elapsed, places)
 
-    def _take_locked(self, slot: _Slot) -> Batch[LocalJob]:
-        """Plan `slot`'s batch from the whole queue, as late as possible, and start it."""
+    def _learn_locked(self, requested: str, name: str) -> None:
+        if len(self._aliases) > 1000:
+            self._aliases.clear()
+        self._aliases[requested] = name
+
+    def _take_locked(self, slot: _Slot) -> tuple[Batch[LocalJob], bool]:
+        """Plan `slot`'s batch from the whole queue, as late as possible, and start it. True
+        when its model is not loaded on that worker yet."""
         batch = self.queue.plan(
             self.queue.order(), loaded=slot.loaded, aliases=self._aliases, now=time.monotonic()
         )
@@ -308,12 +320,14 @@ class Dispatcher:
         for job in batch.jobs:
             job.state = "running"
             self._running[job.id] = job
+        # The worker is free, so slot.loaded is what its engine reported after its last work.
+        requested = batch.jobs[0].request.model
+        model = self._aliases.get(requested, requested)
+        loading = requested not in slot.loaded and model not in slot.loaded
         # Plan the following batch as if this one's model were loaded already (it will be).
-        model = batch.jobs[0].request.model
-        model = self._aliases.get(model, model)
         keep = slot.worker.max_loaded
         slot.loaded = ([m for m in slot.loaded if m != model] + [model])[-keep:]
-        return batch
+        return batch, loading
 
     def _post(self, fn: Callable[..., object], *args: object) -> None:
         assert self._loop is not None

@@ -179,10 +179,19 @@ class GpuExecutor(ImageBackend, Generic[E]):
         """Load `model` on every worker now so the first job does not pay for it."""
         await asyncio.gather(
             *(
-                self.run_on_gpu_thread(functools.partial(w.engine.load, model), worker=i)
+                self.run_on_gpu_thread(functools.partial(self._load, w, model), worker=i)
                 for i, w in enumerate(self.workers)
             )
         )
+
+    def _load(self, worker: Worker[E], model: str) -> None:
+        """On `worker`'s thread: load `model` and learn the name its engine lists it under,
+        before the worker takes a batch, so that a job spelling it the same way is not told
+        it waits on a load."""
+        worker.engine.load(model)
+        loaded = worker.loaded_models()
+        if loaded:
+            self._dispatch.learn(model, loaded[-1])  # the model just used is the newest
 
     # -- public API ---------------------------------------------------------------------------
 
