@@ -26,9 +26,10 @@ test: setup lint browser
 
 # Debian's Chromium and ChromeDriver for the browser test of the playground page.
 browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		&& [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver fonts-noto-color-emoji >/dev/null; \
 	else echo "note: install chromium and chromium-driver to run the browser test"; fi
 
 lint: setup

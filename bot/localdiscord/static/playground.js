@@ -47,32 +47,70 @@ function safeUrl(url) {
   } catch { return ""; }
 }
 
-// "/imagine prompt: a fox steps: 8" -> {command: "imagine", options: {prompt: "a fox", steps: "8"}}
-function parseCommand(text) {
-  const m = text.trim().match(/^\/?(\S+)\s*(.*)$/s);
+// What is being typed: the command, then any subcommand group and subcommand ("/config channels
+// list"), as far as the words name them. The server (commands.py) reads the whole line the same
+// way and parses the options; here it only picks attachment options, suggestions and the help.
+function leafOf(text) {
+  const line = text.trimStart(), m = line.match(/^\/?(\S+)/);
   if (!m) throw new Error("Type a command such as /imagine prompt: a red fox");
-  const name = m[1], rest = m[2];
-  const cmd = commands.find((c) => c.name === name && (c.type || 1) === 1);
-  if (!cmd) throw new Error(`Unknown command /${name}`);
-  const names = (cmd.options || []).map((o) => o.name);
-  const re = new RegExp(`(?:^|\\s)(${names.join("|")}):`, "g");
-  const hits = [...rest.matchAll(re)];
-  const options = {};
-  if (!hits.length && rest.trim() && names.includes("prompt")) options.prompt = rest.trim();
-  hits.forEach((h, i) => {
-    const start = h.index + h[0].length, end = i + 1 < hits.length ? hits[i + 1].index : rest.length;
-    options[h[1]] = rest.slice(start, end).trim();
-  });
-  return {command: name, options};
+  const cmd = commands.find((c) => c.name === m[1] && (c.type || 1) === 1);
+  if (!cmd) throw new Error(`Unknown command /${m[1]}`);
+  let declared = cmd.options || [], rest = line.slice(m[0].length), path = [cmd.name];
+  for (;;) {
+    const subs = declared.filter((o) => o.type === 1 || o.type === 2);
+    const word = rest.match(/^\s*(\S+)/);
+    const sub = subs.length && word && subs.find((o) => o.name === word[1].toLowerCase());
+    if (!sub) return {cmd, path: path.join(" "), declared: subs.length ? [] : declared, subs, rest};
+    path.push(sub.name); declared = sub.options || []; rest = rest.slice(word[0].length);
+  }
 }
+
+// The option whose value is being typed: the last known `name:` (matched as the server does).
+function focusedOption(leaf) {
+  let found = null;
+  for (const o of leaf.declared) {
+    const re = new RegExp(`(?:^|\\s)${o.name.replace(/[^\w-]/g, "")}:`, "gi");
+    for (const h of leaf.rest.matchAll(re)) if (!found || h.index > found.at) found = {opt: o, at: h.index};
+  }
+  return found;
+}
+
+// Follow the newest message, as Discord does, until the person scrolls up to read; scrolling
+// back down (or sending a command) follows again.
+let follow = true, lastCount = 0;
+const nearBottom = (log) => log.scrollHeight - log.scrollTop - log.clientHeight < 60;
+function toNewest() { const log = $("log"); log.scrollTop = log.scrollHeight; follow = true; $("jump").hidden = true; }
+
+// Generated pictures can be tiny (shown enlarged, pixel by pixel); charts are wide (shown
+// smaller). Either way a click opens the picture at full size.
+const SMALL = 256, LARGE = 560;
+function picture(att, src) {
+  const img = document.createElement("img"); img.src = src; img.alt = att.filename; img.title = "Click to see it full size";
+  if (att.width && att.height) {  // reserve the space now, so the log does not jump as it loads
+    const w = Math.min(Math.max(att.width, SMALL), LARGE);
+    img.width = w; img.height = Math.round(w * att.height / att.width);
+    if (att.width < SMALL) img.className = "small";
+  }
+  img.onload = () => { if (follow) toNewest(); };
+  img.onclick = () => showFull(src, att.filename);
+  return img;
+}
+
+function showFull(src, name) {
+  $("fullimg").src = src; $("fullimg").alt = name; $("fullopen").href = src;
+  $("lightbox").showModal();
+}
+
+const BUTTON_STYLES = {1: "primary", 3: "success", 4: "danger"};
 
 let lastRendered = "";
 function render(messages) {
   // Re-render only when something changed, so elements a person is about to click stay put.
   const snapshot = JSON.stringify(messages);
   if (snapshot === lastRendered) return;
-  lastRendered = snapshot;
-  const log = $("log"), atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+  const grew = lastRendered !== "" && messages.length > lastCount;
+  lastRendered = snapshot; lastCount = messages.length;
+  const log = $("log"), keep = log.scrollTop;
   log.innerHTML = "";
   for (const msg of messages) {
     const div = document.createElement("div");
@@ -86,18 +124,22 @@ function render(messages) {
     div.append(who, meta, content);
     for (const att of msg.attachments) {
       const src = safeUrl(att.url);
-      if (src && (att.content_type || "").startsWith("image/")) { const img = document.createElement("img"); img.src = src; img.alt = att.filename; div.append(img); }
+      if (src && (att.content_type || "").startsWith("image/")) div.append(picture(att, src));
     }
     for (const row of msg.components || []) for (const comp of row.components || []) {
       if (comp.type !== 2 || !comp.custom_id) continue;
-      const b = document.createElement("button"); b.textContent = comp.label || comp.emoji?.name || "•"; b.disabled = !!comp.disabled;
+      const b = document.createElement("button"); b.disabled = !!comp.disabled;
+      b.className = BUTTON_STYLES[comp.style] || "";
+      const emoji = comp.emoji && !comp.emoji.id ? comp.emoji.name : "";  // custom emoji have no picture here
+      b.textContent = [emoji, comp.label].filter(Boolean).join(" ") || "•";
       b.onclick = () => click(msg.id, comp.custom_id);
       div.append(b);
     }
     if (msg.attachments.length) div.oncontextmenu = (ev) => showMenu(ev, msg.id);
     log.append(div);
   }
-  if (atBottom) log.scrollTop = log.scrollHeight;
+  if (follow) toNewest();
+  else { log.scrollTop = keep; if (grew) $("jump").hidden = false; }
 }
 
 // The little Markdown Discord shows: mentions, **bold**, `code`, [links](url), -# small.
@@ -164,20 +206,34 @@ function suggest() {
   clearTimeout(suggestTimer);
   suggestTimer = setTimeout(async () => {
     $("suggest").innerHTML = "";
-    let parsed; try { parsed = parseCommand($("cmd").value); } catch { return; }
-    const cmd = commands.find((c) => c.name === parsed.command);
-    const keys = Object.keys(parsed.options); const focused = keys[keys.length - 1];
-    const opt = cmd && (cmd.options || []).find((o) => o.name === focused);
-    if (!opt || !opt.autocomplete) return;
+    const text = $("cmd").value;
+    let leaf; try { leaf = leafOf(text); } catch { showOptions(null); return; }
+    showOptions(leaf);
+    const focused = focusedOption(leaf);
+    if (!focused || !focused.opt.autocomplete) return;
+    const name = focused.opt.name;
     try {
-      const {choices} = await api("/_control/autocomplete", {user_id: userId, channel_id: channelId, command: parsed.command, focused, options: parsed.options});
+      // The server reads the half-typed line as commands.py does; the focused value is its tail.
+      const {choices} = await api("/_control/autocomplete", {user_id: userId, channel_id: channelId, command: text, focused: name, options: {}});
       for (const ch of choices) {
         const b = document.createElement("button"); b.type = "button"; b.textContent = ch.name;
-        b.onclick = () => { const text = $("cmd").value; const at = text.lastIndexOf(focused + ":"); $("cmd").value = text.slice(0, at) + `${focused}: ${ch.value} `; $("suggest").innerHTML = ""; $("cmd").focus(); };
+        b.onclick = () => {
+          const at = text.length - leaf.rest.length + focused.at;
+          $("cmd").value = text.slice(0, at).trimEnd() + ` ${name}: ${ch.value} `;
+          $("suggest").innerHTML = ""; $("cmd").focus();
+        };
         $("suggest").append(b);
       }
     } catch (e) { /* suggestions are best effort */ }
   }, 200);
+}
+
+// The help lists what can follow the command typed so far (/imagine's options for an empty line).
+function showOptions(leaf) {
+  if (!leaf) { try { leaf = leafOf("/imagine"); } catch { return; } }
+  const names = (leaf.subs.length ? leaf.subs : leaf.declared).map((o) => o.name);
+  $("optswhat").textContent = leaf.subs.length ? `Subcommands of /${leaf.path}: ` : `Options of /${leaf.path}: `;
+  $("opts").textContent = names.join(", ") || "none";
 }
 
 function showMenu(ev, messageId) {
@@ -204,31 +260,34 @@ async function init() {
     const o = document.createElement("option"); o.value = u.id; o.textContent = name + (u.id === world.admin_id ? " (admin)" : ""); $("user").append(o);
   }
   $("user").value = userId;
-  $("user").onchange = () => { userId = $("user").value; lastRendered = ""; refresh(); };
+  $("user").onchange = () => { userId = $("user").value; lastRendered = ""; follow = true; refresh(); };
   for (const ch of world.channels) {
     const d = document.createElement("div"); d.className = "chan" + (ch.id === channelId ? " active" : ""); d.textContent = "# " + ch.name;
-    d.onclick = () => { channelId = ch.id; document.querySelectorAll(".chan").forEach((x) => x.classList.remove("active")); d.classList.add("active"); lastRendered = ""; refresh(); };
+    d.onclick = () => { channelId = ch.id; document.querySelectorAll(".chan").forEach((x) => x.classList.remove("active")); d.classList.add("active"); lastRendered = ""; follow = true; refresh(); };
     $("channels").append(d);
   }
-  commands = (await api("/_control/world")).commands;
-  const imagine = commands.find((c) => c.name === "imagine");
-  $("opts").textContent = imagine ? imagine.options.map((o) => o.name).join(", ") : "";
+  showOptions(null);
   $("form").onsubmit = async (ev) => {
     ev.preventDefault();
     $("status").textContent = "";
     try {
-      const {command, options} = parseCommand($("cmd").value);
-      const cmd = commands.find((c) => c.name === command);
-      const attachmentOptions = (cmd.options || []).filter((o) => o.type === 11).map((o) => o.name);
-      attachmentOptions.forEach((name, i) => { if (uploads[i] && !(name in options)) options[name] = uploads[i].id; });
+      // The whole line goes to the server, which reads it as Discord's client would (commands.py);
+      // uploads fill the attachment options in order, unless typed.
+      const text = $("cmd").value, options = {};
+      let leaf; try { leaf = leafOf(text); } catch { commands = (await api("/_control/world")).commands; leaf = leafOf(text); }
+      leaf.declared.filter((o) => o.type === 11).forEach((o, i) => { if (uploads[i]) options[o.name] = uploads[i].id; });
       $("send").disabled = true;
-      const sent = await api("/_control/interactions", {user_id: userId, channel_id: channelId, command, options});
+      const sent = await api("/_control/interactions", {user_id: userId, channel_id: channelId, command: text, options});
       $("cmd").value = ""; $("suggest").innerHTML = ""; $("file").value = ""; uploads = []; $("files").textContent = "";
+      toNewest();
       handleModal(sent);
       refresh();
     } catch (e) { $("status").textContent = e.message; }
     $("send").disabled = false;
   };
+  $("log").addEventListener("scroll", () => { follow = nearBottom($("log")); if (follow) $("jump").hidden = true; });
+  $("jump").onclick = toNewest;
+  $("lightbox").onclick = (ev) => { if (ev.target.id !== "fullopen") $("lightbox").close(); };
   $("cmd").oninput = suggest;
   $("file").onchange = uploadFiles;
   refresh();
