@@ -33,6 +33,10 @@ LANCZOS = Image.Resampling.LANCZOS
 #: Formats an attachment may be in. An allow-list keeps Pillow's rarer (and riskier) decoders,
 #: such as EPS via Ghostscript, away from untrusted uploads. (JPEG includes phones' MPO.)
 ATTACHMENT_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+#: The same list as members read it, in every message that names the formats (one list, so
+#: no message offers a format the decoder refuses).
+_FORMAT_WORDS = [{"WEBP": "WebP"}.get(f, f) for f in ATTACHMENT_FORMATS]
+ATTACHMENT_FORMATS_TEXT = ", ".join(_FORMAT_WORDS[:-1]) + f" or {_FORMAT_WORDS[-1]}"
 
 #: A mask pixel at or above this is "repaint" (diffusers binarises at 0.5 the same way).
 MASK_THRESHOLD = 128
@@ -139,7 +143,9 @@ def decode_attachment(
     """
     size = len(data)
     if size == 0:
-        raise InvalidRequest(f"The {what} is empty (0 bytes). Attach a PNG, JPEG or WebP file.")
+        raise InvalidRequest(
+            f"The {what} is empty (0 bytes). Attach a {ATTACHMENT_FORMATS_TEXT} file."
+        )
     if size > max_bytes:
         raise InvalidRequest(
             f"The {what} is {_megabytes(size)}; the limit is {_megabytes(max_bytes)}. "
@@ -166,7 +172,7 @@ def decode_attachment(
         ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InvalidRequest(
-            f"The {what} is not an image sdbot can read; use PNG, JPEG, WebP, GIF or BMP."
+            f"The {what} is not an image sdbot can read; use {ATTACHMENT_FORMATS_TEXT}."
         ) from None
     with image:
         width, height = image.size

@@ -10,6 +10,7 @@ from discord.ext import commands
 
 from bot.discord_front.intake import check_attachment, download
 from bot.discord_front.limits import listing
+from bot.discord_front.options import unavailable_models
 from bot.discord_front.policy import can_moderate, manages_messages
 from bot.discord_front.replies import echo, respond, short
 from bot.discord_front.services import job_here, services
@@ -105,16 +106,22 @@ class Info(commands.Cog):
         svc = services(interaction)
         loaded = set(svc.backend.status().loaded_models)
         allowed = await svc.allowed_models(interaction.guild_id)
+        missing = await unavailable_models(svc, allowed)
         lines = []
         for entry in svc.catalog.entries:
             if entry.name not in allowed:
                 continue
-            mark = "●" if entry.name in loaded else "○"
+            mark = "⊘" if entry.name in missing else "●" if entry.name in loaded else "○"
+            why = missing.get(entry.name)
+            # Cut short: the reason repeats the fix for each model, and the list must fit.
+            unusable = f"\n   ⊘ unavailable: {short(why, 110)}" if why else ""
             lines.append(
                 f"{mark} **{entry.name}** — {entry.native_size}px · {entry.size} · "
-                f"speed {entry.speed} · quality {entry.quality}\n   {short(entry.description, 120)}"
+                f"speed {entry.speed} · quality {entry.quality}\n   "
+                f"{short(entry.description, 120)}{unusable}"
             )
-        await respond(interaction, listing("**Models** (● loaded now)", lines))
+        head = "**Models** (● loaded now · ⊘ cannot load here)"
+        await respond(interaction, listing(head, lines))
 
     @app_commands.command(
         name="pnginfo", description="Read the generation parameters stored in a PNG"

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from bench.harness import Harness
+from bot.imaging import ATTACHMENT_FORMATS_TEXT
 from bot.localdiscord.client import ControlClient
 from tests import images
 
@@ -155,7 +156,7 @@ def by_admin(command: str, options: dict[str, Any], says: str) -> Case:
 
 PNG, TXT = "image/png", "text/plain"
 PHOTO = images.photo((64, 64))
-NOT_AN_IMAGE = "must be an image (PNG, JPEG, WebP or GIF); got a text/plain"
+NOT_AN_IMAGE = f"must be an image ({ATTACHMENT_FORMATS_TEXT}); got a text/plain"
 # /imagine options (a modified client bypasses Discord's own checks): option, what it says.
 IMAGINE: dict[str, tuple[dict[str, Any], str]] = {
     "steps-zero": ({"steps": 0}, "steps 0 is out of range; use 1 to 150"),

@@ -108,7 +108,7 @@ CASES: list[tuple[str, Callable[[Engine], object], type[SdbotError], str]] = [
     ("huge dimensions", decode(bomb_png(9000, 3000)), InvalidRequest,
      "9000x3000 (27.0 megapixels); the limit is 4.2 megapixels"),
     ("TIFF (not allowed)", decode(encoded(Image.new("RGB", (8, 8)), "TIFF")), InvalidRequest,
-     "use PNG, JPEG, WebP, GIF or BMP"),
+     f"use {imaging.ATTACHMENT_FORMATS_TEXT}"),
     # masks
     ("mask of the wrong shape", mask(RGB, Image.new("L", (64, 32), 255)), InvalidRequest,
      "The mask is 64x32 but the image is 64x64"),

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from PIL import Image
@@ -138,6 +138,31 @@ def test_decode_attachment_scales_16_bit_greyscale() -> None:
     image = Image.new("I;16", (8, 8), 65535)
     decoded = decode_attachment(png_bytes(image), **LIMITS)
     assert decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_every_message_names_the_one_list_of_formats_and_each_decodes() -> None:
+    from types import SimpleNamespace
+
+    from bot.discord_front import intake, limits
+    from bot.imaging import ATTACHMENT_FORMATS, ATTACHMENT_FORMATS_TEXT
+
+    text = ATTACHMENT_FORMATS_TEXT
+    assert text == "PNG, JPEG, WebP, GIF or BMP" and text == limits.IMAGE_FORMATS
+    said = []
+    for data in (b"", b"not a picture"):
+        with pytest.raises(InvalidRequest) as refused:
+            decode_attachment(data, **LIMITS)
+        said.append(refused.value.message)
+    upload = SimpleNamespace(content_type="text/plain", size=10)
+    with pytest.raises(InvalidRequest) as refused:
+        intake.check_attachment(cast(Any, None), cast(Any, upload), "image")
+    said.append(refused.value.message)
+    assert all(text in message for message in said), said
+    # And the list tells the truth: each format it names decodes.
+    for name in ATTACHMENT_FORMATS:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=name)
+        assert decode_attachment(buf.getvalue(), **LIMITS).size == (8, 8), name
 
 
 def test_decompression_bomb_is_refused_from_the_header_alone() -> None:

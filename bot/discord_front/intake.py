@@ -28,6 +28,7 @@ from PIL import Image
 
 from bot import imaging
 from bot.backend import Job, JobOrigin
+from bot.discord_front.options import unavailable_models
 from bot.discord_front.policy import (
     check_access,
     check_limits,
@@ -36,7 +37,7 @@ from bot.discord_front.policy import (
 )
 from bot.discord_front.replies import replace_with_error
 from bot.discord_front.services import Services, services
-from bot.errors import InvalidRequest, SdbotError
+from bot.errors import InvalidRequest, ModelLoadError, SdbotError
 from bot.input_store import digest
 from bot.inputs import attachment_bytes, picture_inputs
 from bot.jobs import GenerationRequest
@@ -226,7 +227,9 @@ def check_attachment(svc: Services, attachment: discord.Attachment, what: str) -
     ctype = (attachment.content_type or "").split(";")[0]
     if not ctype.startswith("image/"):
         kind = ctype or "file of unknown type"
-        raise InvalidRequest(f"The {what} must be an image (PNG, JPEG, WebP or GIF); got a {kind}.")
+        raise InvalidRequest(
+            f"The {what} must be an image ({imaging.ATTACHMENT_FORMATS_TEXT}); got a {kind}."
+        )
     limit_mb = svc.settings.max_attachment_mb
     if attachment.size > attachment_bytes(limit_mb):
         raise InvalidRequest(
@@ -294,6 +297,15 @@ async def check_model_on_offer(svc: Services, guild_id: int | None, params: dict
                 raise InvalidRequest(f"The LoRA {lora.name[:100]!r} is no longer available.")
 
 
+async def check_model_loads(svc: Services, params: Mapping[str, Any]) -> None:
+    """A model this machine cannot load is refused now, with the reason, rather than failing
+    as a job after its wait in the queue."""
+    name = str(params["model"])
+    why = (await unavailable_models(svc, [name])).get(name)
+    if why is not None:
+        raise ModelLoadError(why)
+
+
 async def queue_job(
     interaction: discord.Interaction,
     *,
@@ -323,6 +335,8 @@ async def queue_job(
         async with recording_refusals(interaction, command, params):
             await check_model_on_offer(svc, interaction.guild_id, params)
             config = await check_access(svc, interaction, params)
+            # After the access rules (a model not enabled here says so), before any download.
+            await check_model_loads(svc, params)
             extra = await load_images() if load_images is not None else {}
             kept = list(extra.pop(KEPT_INPUTS, ()))
             merged = {**params, **extra}

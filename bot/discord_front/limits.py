@@ -59,8 +59,7 @@ CHOICES = 25
 CHOICE_TEXT = 100
 
 #: The pictures sdbot reads, in words, from the one list the decoder accepts.
-_FORMAT_NAMES = [{"WEBP": "WebP"}.get(f, f) for f in imaging.ATTACHMENT_FORMATS]
-IMAGE_FORMATS = ", ".join(_FORMAT_NAMES[:-1]) + f" or {_FORMAT_NAMES[-1]}"
+IMAGE_FORMATS = imaging.ATTACHMENT_FORMATS_TEXT
 
 
 def cut(text: str, limit: int) -> str:

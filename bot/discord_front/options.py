@@ -8,17 +8,20 @@ before anything quotes it back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 import discord
 from discord import AppCommandOptionType, app_commands
 
 from bot import jobs
+from bot.catalog import is_hub_id
 from bot.discord_front import limits
-from bot.discord_front.services import services
+from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest
 from bot.inputs import size_suggestions
+from bot.model_sources import availability
 from bot.samplers import SCHEDULER_NAMES
 
 T = TypeVar("T")
@@ -91,17 +94,45 @@ def check_lengths(interaction: discord.Interaction) -> None:
             )
 
 
-def matching(values: list[str], current: str) -> list[app_commands.Choice[str]]:
-    """Suggestions among `values` containing what was typed, within Discord's limits."""
+def matching(
+    values: list[str], current: str, labels: Mapping[str, str] | None = None
+) -> list[app_commands.Choice[str]]:
+    """Suggestions among `values` containing what was typed, within Discord's limits, each
+    shown by its label in `labels` if it has one."""
     needle = current.strip().lower()
     hits = [v for v in values if needle in v.lower()] if needle else values
-    return limits.choices([app_commands.Choice(name=v, value=v) for v in hits])
+    shown = labels or {}
+    return limits.choices([app_commands.Choice(name=shown.get(v, v), value=v) for v in hits])
+
+
+async def unavailable_models(svc: Services, names: Iterable[str]) -> dict[str, str]:
+    """{name: why} for the models among `names` this machine cannot load now. The check
+    reads the disk (model folders, the Hub cache), so it runs in a thread."""
+    wanted = list(names)
+
+    def check() -> dict[str, str]:
+        found = {name: availability(svc.catalog, name) for name in wanted}
+        return {name: why for name, why in found.items() if why is not None}
+
+    return await asyncio.to_thread(check)
 
 
 async def model_autocomplete(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    return matching(await services(interaction).allowed_models(interaction.guild_id), current)
+    """The server's models, those that cannot load marked (and listed last, so the 25 that
+    Discord shows are the usable ones first)."""
+    svc = services(interaction)
+    names = await svc.allowed_models(interaction.guild_id)
+    missing = await unavailable_models(svc, names)
+    labels = {name: _unavailable_label(svc, name) for name in missing}
+    return matching(sorted(names, key=lambda name: name in missing), current, labels)
+
+
+def _unavailable_label(svc: Services, name: str) -> str:
+    # A Hub model only lacks its download; anything else (a missing folder) is the owner's fix.
+    source = svc.catalog.get(name).source.strip()
+    return f"{name} (not downloaded)" if is_hub_id(source) else f"{name} (unavailable)"
 
 
 async def scheduler_autocomplete(
