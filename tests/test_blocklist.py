@@ -63,7 +63,7 @@ def test_a_stored_slow_pattern_is_cut_off_and_counts_as_blocked() -> None:
     slow = "re:(a|aa)+$"
     started = time.monotonic()
     assert asyncio.run(find_blocked(["a" * 35 + "!"], [slow])) == slow
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0  # the old 13 s, cut off at MATCH_TIMEOUT_S
 
 
 def test_prompt_limits_apply_before_any_matching() -> None:
@@ -87,4 +87,58 @@ async def test_the_event_loop_keeps_running_while_a_pattern_is_matched() -> None
     entries = ["re:(a|aa)+$", "re:(a|a)+$", "re:(.*a){12}x"]
     assert await find_blocked(["a" * 200 + "!", "a" * 900], entries) is not None
     task.cancel()
-    assert max(gaps) < 0.1
+    # 5 ms ticks; a loop held by the matching (the old bug) stalled for seconds.
+    assert max(gaps) < 0.5
+
+
+@pytest.mark.parametrize(
+    "hidden", ["\u200b", "\u200c", "\u200d", "\u00ad", "\u2060", "\u200e", "\u202e", "\ufeff"]
+)
+def test_invisible_characters_do_not_hide_a_word(hidden: str) -> None:
+    # The model still reads "cat" with a zero-width space, soft hyphen or bidi mark inside.
+    assert normalize(f"ca{hidden}t") == "cat"
+    assert first_blocked([f"a ca{hidden}t"], ["cat"]) == "cat"
+    assert first_blocked(["a cat"], [f"ca{hidden}t"]) == f"ca{hidden}t"
+    with pytest.raises(InvalidRequest, match="empty"):
+        check_entry(hidden * 3)  # nothing visible left: it would match everywhere or nowhere
+
+
+@pytest.mark.parametrize(
+    ("entry", "prompt"),
+    [
+        ("re:ÇAT", "a cat"),
+        ("re:\\bNAÏVE\\b", "so naive"),
+        ("re:ｃａｔ", "a Cat"),
+        ("re:ca\u200bt", "cat"),
+    ],
+)
+def test_regex_entries_are_normalized_like_the_text(entry: str, prompt: str) -> None:
+    assert check_entry(entry) == entry
+    assert first_blocked([prompt], [entry]) == entry
+
+
+def test_regex_escapes_keep_their_case() -> None:
+    # Casefolding the pattern would turn \S (not a space) into \s (a space).
+    assert first_blocked(["cat"], ["re:^\\Sat$"]) == "re:^\\Sat$"
+    assert first_blocked(["a b"], ["re:^a\\Sb$"]) is None
+    assert first_blocked(["café"], ["re:^\\w+É$"]) == "re:^\\w+É$"
+
+
+def test_a_long_word_list_is_matched_at_once_without_running_out_of_time() -> None:
+    # 2000 words shared one 0.25 s deadline, so a busy host refused every prompt.
+    words = [f"word{i}x" for i in range(2000)] + ["bad phrase"]
+    prompt = "lorem ipsum " * 80 + "word1999x"  # prompt-sized
+    started = time.perf_counter()
+    assert first_blocked([prompt], words) == "word1999x"
+    assert first_blocked(["x " * 450 + "a BAD  phrase"], words) is None  # two spaces
+    assert first_blocked(["the bad phrase"], [*words, "bad"]) == "bad phrase"  # longest wins
+    assert first_blocked(["a " * (MAX_PROMPT_CHARS // 2)], words) is None
+    assert asyncio.run(find_blocked(["Word7x, lorem"], [*words, "re:(a|aa)+$"])) == "word7x"
+    assert time.perf_counter() - started < 2.0
+
+
+def test_words_report_the_entry_as_written_and_regexes_still_run() -> None:
+    entries = ["Dragón", "dragon", "re:gor+e"]
+    assert first_blocked(["a DRAGON"], entries) == "Dragón"  # the first entry with that form
+    assert first_blocked(["gorre"], entries) == "re:gor+e"
+    assert first_blocked(["dragonfly"], entries) is None
