@@ -142,12 +142,20 @@ class Worker(Generic[E]):
                 host.finished(self, work, _BatchRun(self.engine, host, work.jobs).run())
             else:
                 fn, future = work
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:
-                        future.set_exception(exc)
+                if not future.set_running_or_notify_cancel():
+                    host.finished(self, None, {})
+                    continue
+                try:
+                    result, error = fn(), None
+                except BaseException as exc:
+                    result, error = None, exc
+                # Book-keeping first (loaded models, busy time), so whoever awaits the call
+                # sees a status that already includes it.
                 host.finished(self, None, {})
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
 
 
 @dataclass(eq=False)
