@@ -166,7 +166,7 @@ class ImageBackend(Protocol):
     def status(self) -> BackendStatus: ...
 
 
-# -- what the executor needs from the engine (bot/engine.py satisfies it structurally) ----------
+# -- what the executor needs from the engine (bot.engine.Engine satisfies it structurally) ----
 
 
 class StepInfoLike(Protocol):

@@ -226,12 +226,6 @@ class JobsMixin(BaseDatabase):
         async with self.conn.execute(sql, (*args, limit)) as cur:
             return list(await cur.fetchall())
 
-    async def active_jobs(self) -> list[aiosqlite.Row]:
-        """Queued and running jobs, oldest first."""
-        sql = "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY id"
-        async with self.conn.execute(sql) as cur:
-            return list(await cur.fetchall())
-
     # -- usage --------------------------------------------------------------------------------
 
     async def usage_since(
