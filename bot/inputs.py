@@ -20,6 +20,8 @@ _SIZE_RE = re.compile(r"^\s*(\d{2,5})\s*[x×*,]\s*(\d{2,5})\s*$", re.IGNORECASE)
 #: How much of an input picture is repainted when the member does not say: img2img keeps its
 #: composition, inpaint mostly replaces what is under the mask.
 DEFAULT_STRENGTH: dict[str, float] = {"img2img": 0.6, "inpaint": 0.9}
+#: A variation (the V buttons, the "Vary image" menu): the picture's composition is kept.
+VARY_STRENGTH = 0.6
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -29,7 +29,7 @@ MAX_PNG_CHUNKS = 4096
 #: bounded by the file size, and a real encoder writes them 8 KB or more at a time.
 _COUNTED_DATA_BELOW = 1024
 _DATA_CHUNKS = (b"IDAT", b"fdAT")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _KEYWORD = b"parameters\0"
 
 
@@ -41,7 +41,7 @@ def read_parameters(data: bytes) -> str | None:
     milliseconds. None when `data` is no PNG or has no such chunk; InvalidRequest when the
     text is longer than MAX_PARAMETERS_BYTES.
     """
-    if not data.startswith(_PNG_SIGNATURE):
+    if not data.startswith(PNG_SIGNATURE):
         return None
     view = memoryview(data)
     for kind, start, end in itertools.islice(_chunks(data), _MAX_PNG_CHUNKS):
@@ -55,11 +55,24 @@ def read_parameters(data: bytes) -> str | None:
     return None
 
 
+def parameters_in(data: bytes) -> dict[str, str]:
+    """The generation parameters a PNG carries, parsed; {} for any other file, a broken one,
+    or one cut short before its `parameters` chunk (a prefix read to pre-fill a form).
+    CPU work on member-supplied bytes: run it in a thread, never on the event loop."""
+    if not data.startswith(PNG_SIGNATURE):
+        return {}
+    try:
+        text = read_parameters(data)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error):
+        return {}  # the ways a broken PNG fails to read: it carries nothing readable
+    return parse_parameters(text) if text else {}
+
+
 def too_many_chunks(data: bytes) -> bool:
     """Whether `data` is a PNG with more than MAX_PNG_CHUNKS chunks besides its pixel data,
     too many for Pillow to walk in good time. Stops counting there, so it takes at most a
     few milliseconds (plus one step per large pixel data chunk); False for any other format."""
-    if not data.startswith(_PNG_SIGNATURE):
+    if not data.startswith(PNG_SIGNATURE):
         return False
     counted = 0
     for kind, start, end in _chunks(data):
@@ -74,7 +87,7 @@ def too_many_chunks(data: bytes) -> bool:
 def _chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
     """(type, start, end of its data) of each whole chunk of a PNG, up to IEND or the first
     chunk cut off (Pillow stops at IEND too). The CRC is the 4 bytes at `end`."""
-    pos = len(_PNG_SIGNATURE)
+    pos = len(PNG_SIGNATURE)
     while pos + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, pos)
         end = pos + 8 + length

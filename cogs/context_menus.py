@@ -14,22 +14,19 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import imaging, jobs
-from bot.discord_front import limits
+from bot import jobs
 from bot.discord_front.intake import (
     download,
     input_loader,
     recording_refusals,
 )
 from bot.discord_front.policy import check_prompt_lengths
-from bot.discord_front.replies import echo, open_modal, report, respond
+from bot.discord_front.replies import echo, format_parameters_reply, open_modal, report, respond
 from bot.discord_front.services import Services, job_here, services
 from bot.discord_front.ui import start_job
 from bot.errors import InvalidRequest, NoSuchJob
-
-VARY_STRENGTH = 0.55
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
+from bot.inputs import DEFAULT_STRENGTH, VARY_STRENGTH
+from bot.png_parameters import parameters_in
 
 #: The job id in the custom_id of sdbot's buttons (ui.JobButton).
 BUTTON_JOB = re.compile(r"sdbot:[a-z]+:(\d+)")
@@ -75,18 +72,6 @@ async def final_image(
     return attachment
 
 
-def parameters_in(data: bytes) -> dict[str, str]:
-    """The generation parameters a PNG carries; {} for any other file, or a broken one.
-    CPU work on member-supplied bytes: run it in a thread, never on the event loop."""
-    if not data.startswith(PNG_SIGNATURE):
-        return {}
-    try:
-        text = imaging.read_parameters(data)
-    except (OSError, SyntaxError, ValueError, EOFError):
-        return {}  # Pillow's ways of saying the PNG is broken: it carries nothing readable
-    return imaging.parse_parameters(text) if text else {}
-
-
 async def stored_parameters(svc: Services, attachment: discord.Attachment) -> dict[str, str]:
     """The image's own generation parameters when it is a PNG that carries them."""
     if attachment.content_type != "image/png":
@@ -95,6 +80,26 @@ async def stored_parameters(svc: Services, attachment: discord.Attachment) -> di
         data = await download(svc, attachment.url)
     except InvalidRequest:
         return {}  # unreadable here; the job that uses the image will say why
+    return await asyncio.to_thread(parameters_in, data)
+
+
+#: What a menu that answers with a form reads of the image to pre-fill it: the answer must
+#: come within Discord's 3 s, and A1111-style parameters sit in the PNG's first chunks.
+PREFILL_BYTES = 64 * 1024
+PREFILL_TIMEOUT_S = 1.5
+
+
+async def prefill_parameters(svc: Services, attachment: discord.Attachment) -> dict[str, str]:
+    """The image's parameters if they can be read in time from its first bytes; else {}
+    (the form opens empty rather than too late for Discord)."""
+    if attachment.content_type != "image/png":
+        return {}
+    try:
+        data = await asyncio.wait_for(
+            download(svc, attachment.url, head=PREFILL_BYTES), PREFILL_TIMEOUT_S
+        )
+    except (TimeoutError, InvalidRequest):
+        return {}
     return await asyncio.to_thread(parameters_in, data)
 
 
@@ -162,12 +167,12 @@ class ContextMenus(commands.Cog):
 
     async def edit(self, interaction: discord.Interaction, message: discord.Message) -> None:
         attachment = await final_image(interaction, message)
-        found = await stored_parameters(services(interaction), attachment)
+        found = await prefill_parameters(services(interaction), attachment)
         await open_modal(interaction, PromptModal(self, attachment, found, "img2img"))
 
     async def inpaint(self, interaction: discord.Interaction, message: discord.Message) -> None:
         attachment = await final_image(interaction, message)
-        found = await stored_parameters(services(interaction), attachment)
+        found = await prefill_parameters(services(interaction), attachment)
         await open_modal(interaction, PromptModal(self, attachment, found, "inpaint"))
 
     async def show_parameters(
@@ -181,20 +186,6 @@ class ContextMenus(commands.Cog):
         await respond(interaction, format_parameters_reply(attachment.filename, found))
 
 
-def format_parameters_reply(filename: str, found: dict[str, str]) -> str:
-    """Everything in it came with the image, so all of it is quoted as member text."""
-    lines = [
-        f"**Parameters of `{echo(filename, 100)}`**",
-        f"**Prompt:** {echo(found.get('prompt', ''), 1000)}",
-    ]
-    if found.get("negative_prompt"):
-        lines.append(f"**Negative prompt:** {echo(found['negative_prompt'], 500)}")
-    rest = [(k, v) for k, v in found.items() if k not in ("prompt", "negative_prompt")]
-    if rest:
-        lines.append(" · ".join(f"{echo(k, 40)}: {echo(v, 100)}" for k, v in rest[:40]))
-    return limits.content("\n".join(lines))
-
-
 class PromptModal(discord.ui.Modal):
     def __init__(
         self, cog: ContextMenus, attachment: discord.Attachment, found: dict[str, str], mode: str
@@ -204,11 +195,12 @@ class PromptModal(discord.ui.Modal):
         self.cog, self.attachment, self.found, self.mode = cog, attachment, found, mode
         self.prompt: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
             label="Prompt", style=discord.TextStyle.paragraph,
-            default=found.get("prompt", "")[:1000], max_length=jobs.MAX_PROMPT_CHARS,
+            default=found.get("prompt", "")[: jobs.MAX_PROMPT_CHARS],
+            max_length=jobs.MAX_PROMPT_CHARS,
         )  # fmt: skip
         self.strength: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
             label=f"Strength ({jobs.MIN_STRENGTH:g}-{jobs.MAX_STRENGTH:g})",
-            default="0.6" if mode == "img2img" else "0.9", max_length=5,
+            default=f"{DEFAULT_STRENGTH[mode]:g}", max_length=5,
         )  # fmt: skip
         self.add_item(self.prompt)
         self.add_item(self.strength)

@@ -29,7 +29,7 @@ from bot.discord_front.options import (
 from bot.discord_front.policy import check_prompt_lengths
 from bot.discord_front.services import services
 from bot.discord_front.ui import start_job
-from bot.inputs import parse_loras, parse_size
+from bot.inputs import DEFAULT_STRENGTH, parse_loras, parse_size
 
 Steps = app_commands.Range[int, jobs.MIN_STEPS, jobs.MAX_STEPS]
 Guidance = app_commands.Range[float, jobs.MIN_GUIDANCE, jobs.MAX_GUIDANCE]
@@ -131,7 +131,7 @@ class Generate(commands.Cog):
         interaction: discord.Interaction,
         image: discord.Attachment,
         prompt: Prompt,
-        strength: Strength = 0.6,
+        strength: Strength = DEFAULT_STRENGTH["img2img"],
         negative: Negative = "",
         model: Name | None = None,
         size: Size | None = None,
@@ -165,7 +165,7 @@ class Generate(commands.Cog):
         image: discord.Attachment,
         prompt: Prompt,
         mask: discord.Attachment | None = None,
-        strength: Strength = 0.9,
+        strength: Strength = DEFAULT_STRENGTH["inpaint"],
         negative: Negative = "",
         model: Name | None = None,
         size: Size | None = None,

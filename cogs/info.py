@@ -12,10 +12,10 @@ from bot.discord_front.intake import check_attachment, download
 from bot.discord_front.limits import listing
 from bot.discord_front.options import unavailable_models
 from bot.discord_front.policy import can_moderate, manages_messages
-from bot.discord_front.replies import echo, respond, short
+from bot.discord_front.replies import echo, format_parameters_reply, respond, short
 from bot.discord_front.services import job_here, services
 from bot.errors import InvalidRequest, NoSuchJob
-from cogs.context_menus import format_parameters_reply, parameters_in
+from bot.png_parameters import parameters_in
 
 STATUS_ICONS = {
     "queued": "⏳", "running": "🎨", "finished": "✅", "failed": "❌",
@@ -132,6 +132,8 @@ class Info(commands.Cog):
     async def pnginfo(self, interaction: discord.Interaction, image: discord.Attachment) -> None:
         svc = services(interaction)
         check_attachment(svc, image, "image")
+        # The download may take longer than Discord's 3 s to answer: acknowledge first.
+        await interaction.response.defer(ephemeral=True, thinking=True)
         data = await download(svc, image.url)
         # Parsing member-supplied PNG text is CPU work: never on the event loop.
         found = await asyncio.to_thread(parameters_in, data)

@@ -356,7 +356,12 @@ async def test_bad_input(harness: Harness, name: str, caplog: pytest.LogCaptureF
     inter_id = sent["interaction"]["id"]
     viewer = await (c.member_id() if case.by == "member" else c.admin_id())
     reply = await c.wait_for_message(
-        lambda m: m.get("interaction_metadata", {}).get("id") == inter_id and bool(m["flags"] & 64),
+        # Content too: /pnginfo defers first, an empty ephemeral "thinking" note until it answers.
+        lambda m: (
+            m.get("interaction_metadata", {}).get("id") == inter_id
+            and bool(m["flags"] & 64)
+            and bool(m["content"])
+        ),
         viewer=viewer,
         timeout=60,
     )

@@ -375,7 +375,14 @@ async def test_history_models_pnginfo_and_autocomplete(harness: Harness) -> None
     png = await c.download(result["attachments"][0])
     att = await c.upload(png, "result.png", "image/png")
     info = await c.slash("pnginfo", {"image": att["id"]})
-    reply = await ephemeral_reply(c, info["interaction"]["id"], member)
+    # /pnginfo defers (an empty "thinking" note) before it downloads: wait for the answer.
+    reply = await c.wait_for_message(
+        lambda m: (
+            m.get("interaction_metadata", {}).get("id") == info["interaction"]["id"]
+            and "Parameters of" in m["content"]
+        ),
+        viewer=member,
+    )
     assert "a red fox" in reply["content"] and "Seed: 99" in reply["content"]
     assert imaging.read_parameters(png) is not None
 

@@ -36,6 +36,12 @@ def engine(model_cache: Path) -> Engine:
 
 
 @pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """conftest's settings with a preview every step, so that a job of some steps posts one."""
+    return settings.model_copy(update={"preview_every": 1})
+
+
+@pytest.fixture
 async def harness(settings: Settings, engine: Engine) -> AsyncIterator[Harness]:
     """The bot on a server whose second channel is marked NSFW before the bot connects: the
     bot learns a channel's flag from the guild's channels in GUILD_CREATE, as from Discord."""
@@ -67,11 +73,13 @@ async def admin_sets(c: ControlClient, key: str, value: str) -> None:
     assert f"`{key}` is now **{value}**" in reply["content"].lower(), reply["content"]
 
 
-async def imagine(c: ControlClient, channel_id: int | None = None) -> dict[str, Any]:
+async def imagine(
+    c: ControlClient, channel_id: int | None = None, *, steps: int = 1
+) -> dict[str, Any]:
     """A member's /imagine, and the result message the bot posted for it."""
     member = await c.member_id()
     sent = await c.slash(
-        "imagine", {"prompt": "a fox", "steps": 1}, user_id=member, channel_id=channel_id
+        "imagine", {"prompt": "a fox", "steps": steps}, user_id=member, channel_id=channel_id
     )
     result = await c.wait_for_message(
         lambda m: (
@@ -93,6 +101,37 @@ async def posted_image(c: ControlClient, message: dict[str, Any]) -> str:
         assert (image.format, image.size) == ("PNG", (64, 64))
         assert "a fox" in image.info["parameters"]
     return str(attachment["filename"])
+
+
+def labels(message: dict[str, Any]) -> set[str]:
+    return {
+        str(button.get("label"))
+        for row in message.get("components") or []
+        for button in row.get("components") or []
+    }
+
+
+def preview_uploads(h: Harness) -> set[int]:
+    """Every live preview the bot ever uploaded (the server keeps replaced attachments)."""
+    return {a.id for a in h.server.world.attachments.values() if a.filename == "preview.png"}
+
+
+async def test_block_posts_no_preview_and_no_buttons_for_a_missing_image(
+    harness: Harness,
+) -> None:
+    c = harness.control
+    steps = 150  # long enough for at least one preview edit (they are a second apart)
+    await admin_sets(c, "nsfw_policy", "allow")
+    await imagine(c, steps=steps)
+    shown = preview_uploads(harness)
+    assert shown  # previews are posted where flagged images are not blocked
+
+    await admin_sets(c, "nsfw_policy", "block")
+    blocked = await imagine(c, steps=steps)
+    assert BLOCKED in blocked["content"] and blocked["attachments"] == []
+    # The checker only sees finished images, so under block no preview goes out at all.
+    assert preview_uploads(harness) == shown
+    assert labels(blocked) == {"Reroll", "Delete"}  # nothing to vary or upscale
 
 
 async def test_flagged_images_follow_the_policy_the_admin_sets(harness: Harness) -> None:

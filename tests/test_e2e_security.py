@@ -20,7 +20,7 @@ from aiohttp import web
 from PIL import Image, PngImagePlugin
 
 from bench.harness import Harness
-from bot import imaging
+from bot import imaging, png_parameters
 from bot.backend import Job, JobOrigin
 from bot.db import Database
 from bot.discord_front.app import configure_api_base
@@ -330,6 +330,9 @@ async def test_png_text_and_pictures_are_handled_off_the_event_loop(
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(imaging, name, spy)
+        # The PNG text is read by png_parameters.parameters_in, which calls its own names.
+        if hasattr(png_parameters, name):
+            monkeypatch.setattr(png_parameters, name, spy)
     c = harness.control
     member = await c.member_id()
     png = png_with_parameters("a cat\nSteps: 2, Seed: 5")

@@ -330,7 +330,14 @@ def test_parse_size_and_loras_as_members_type_them() -> None:
 
 
 def test_default_strengths_are_the_slash_commands_ones() -> None:
-    assert DEFAULT_STRENGTH == {"img2img": 0.6, "inpaint": 0.9}
+    from cogs.generate import Generate
+
+    defaults = {
+        command.name: next(p.default for p in command.parameters if p.name == "strength")
+        for command in Generate.__cog_app_commands__
+        if command.name in DEFAULT_STRENGTH
+    }
+    assert defaults == DEFAULT_STRENGTH
 
 
 @pytest.mark.parametrize("where", ["before the pixels", "after the pixels", "as pixel data"])

@@ -35,7 +35,7 @@ from bot.discord_front.policy import (
     check_prompt_lengths,
     user_queue_cap,
 )
-from bot.discord_front.replies import replace_with_error
+from bot.discord_front.replies import replace_with_error, unexpected_error_text
 from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest, ModelLoadError, SdbotError
 from bot.input_store import digest
@@ -130,8 +130,11 @@ def attachment_url(svc: Services, url: str, *, what: str = "image") -> yarl.URL:
     raise refused
 
 
-async def download(svc: Services, url: str, *, what: str = "image") -> bytes:
-    """The bytes at a Discord attachment URL, at most the settings' attachment cap.
+async def download(
+    svc: Services, url: str, *, what: str = "image", head: int | None = None
+) -> bytes:
+    """The bytes at a Discord attachment URL, at most the settings' attachment cap; with
+    `head`, only about the first `head` bytes (a prefix, never refused as too big).
 
     Only from Discord's hosts (`attachment_url`), checked before any connection is made.
     Redirects are not followed: a redirect could point the bot at any address.
@@ -146,9 +149,11 @@ async def download(svc: Services, url: str, *, what: str = "image") -> bytes:
         async with svc.http.get(source, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise InvalidRequest(f"The {what} could not be downloaded (HTTP {resp.status}).")
-            if (resp.content_length or 0) > limit:
+            if head is None and (resp.content_length or 0) > limit:
                 raise too_big
             async for chunk in resp.content.iter_chunked(64 * 1024):
+                if head is not None and size >= head:
+                    break
                 size += len(chunk)
                 if size > limit:
                     raise too_big
@@ -372,6 +377,12 @@ async def queue_job(
         job = await submit(*await build())
     except SdbotError as exc:
         await replace_with_error(interaction, exc.message)
+        return None
+    except Exception:
+        # Past the public defer the tree's handler would only add a second reply and leave
+        # "thinking…" up for good: log it here and replace that message instead.
+        log.exception("unexpected error queueing %s (interaction %s)", command, interaction.id)
+        await replace_with_error(interaction, unexpected_error_text(interaction.id))
         return None
     return job, original_id
 

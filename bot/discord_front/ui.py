@@ -16,18 +16,19 @@ import discord
 from PIL import Image
 
 from bot import imaging
-from bot.discord_front.intake import ImageLoader, input_loader, queue_job, read_image
+from bot.discord_front.follower import JobFollower
+from bot.discord_front.intake import KEPT_INPUTS, ImageLoader, input_loader, queue_job, read_input
 from bot.discord_front.policy import can_moderate
-from bot.discord_front.replies import JobFollower, open_modal, report, update_clicked
+from bot.discord_front.replies import open_modal, report, update_clicked
 from bot.discord_front.services import Services, job_here, services
 from bot.errors import InvalidRequest
-from bot.jobs import MAX_SIZE, LoraSpec, new_seed, snap_to_8
+from bot.inputs import VARY_STRENGTH
+from bot.jobs import MAX_PROMPT_CHARS, MAX_SIZE, LoraSpec, new_seed, snap_to_8
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("reroll", "vary", "upscale", "edit", "delete", "cancel")
 RERUNS = ("reroll", "vary", "upscale", "edit")
-VARIATION_STRENGTH = 0.6
 UPSCALE_STRENGTH = 0.3
 
 
@@ -51,6 +52,7 @@ async def start_job(
         original_id,
         progress_view=progress_view,
         result_view=result_view,
+        blocked_view=blocked_view,
     )
     await follower.run()
 
@@ -149,11 +151,19 @@ async def _rerun(
         request_params.pop("strength", None)
         await start_job(interaction, command=command, params=request_params)
         return
-    mask_url = params.get("mask_url")
     request_params["source_url"] = source_url
+    size = (request_params["width"], request_params["height"])
+    source_index = params.get("source_index")
+    if source_index is not None and params.get("source_count") is not None:
+        # A V/U job: its input is one cell of an earlier result, not that whole result.
+        count, index = int(params["source_count"]), int(source_index)
+        request_params.update(source_index=index, source_count=count)
+        load = result_cell_loader(services(interaction), source_url, count, index, size)
+        await start_job(interaction, command=command, params=request_params, load_images=load)
+        return
+    mask_url = params.get("mask_url")
     if mask_url:
         request_params["mask_url"] = mask_url
-    size = (request_params["width"], request_params["height"])
     load = input_loader(
         services(interaction), request_params, source_url, mask_url=mask_url, size=size
     )
@@ -193,7 +203,7 @@ async def _from_result_image(
                 f"This image is {width}×{height}; 2× would pass the {MAX_SIZE}px limit."
             )
         width, height = snap_to_8(width * 2), snap_to_8(height * 2)
-    strength = VARIATION_STRENGTH if action == "vary" else UPSCALE_STRENGTH
+    strength = VARY_STRENGTH if action == "vary" else UPSCALE_STRENGTH
     request_params = _request_params(params)
     request_params.update(
         mode="img2img",
@@ -206,19 +216,30 @@ async def _from_result_image(
         steps=max(int(params["steps"]), math.ceil(1 / strength) + 1),
     )
     source = images[0]
+    load = result_cell_loader(svc, source.url, count, index, (width, height))
+    request_params.update(source_url=source.url, source_index=index, source_count=count)
+    await start_job(interaction, command=action, params=request_params, load_images=load)
 
-    def cell(picture: Image.Image) -> Image.Image:
-        if count > 1:
-            picture = imaging.grid_cell(picture, count, index - 1)
-        return picture.resize((width, height), imaging.LANCZOS)
+
+def _cell(picture: Image.Image, count: int, index: int, size: tuple[int, int]) -> Image.Image:
+    if count > 1:
+        picture = imaging.grid_cell(picture, count, index - 1)
+    return picture.resize(size, imaging.LANCZOS)
+
+
+def result_cell_loader(
+    svc: Services, url: str, count: int, index: int, size: tuple[int, int]
+) -> ImageLoader:
+    """The `load_images` of a V/U job (and of its reruns): image `index` (1-based) of a
+    result of `count`, at `size`. The result's picture is kept like any input, so a rerun
+    still works once Discord has let the result's URL expire."""
 
     async def load() -> dict[str, Any]:
-        picture = await read_image(svc, source.url, what="result image")
-        return {"init_image": await asyncio.to_thread(cell, picture)}
+        picture, kept = await read_input(svc, url, what="result image")
+        image = await asyncio.to_thread(_cell, picture, count, index, size)
+        return {"init_image": image, KEPT_INPUTS: [kept]}
 
-    request_params["source_url"] = source.url
-    request_params["source_index"] = index
-    await start_job(interaction, command=action, params=request_params, load_images=load)
+    return load
 
 
 class EditPromptModal(discord.ui.Modal, title="Edit the prompt"):
@@ -228,11 +249,12 @@ class EditPromptModal(discord.ui.Modal, title="Edit the prompt"):
         self.params = params
         self.prompt: discord.ui.TextInput[EditPromptModal] = discord.ui.TextInput(
             label="Prompt", style=discord.TextStyle.paragraph,
-            default=params.get("prompt", "")[:1000], max_length=1000,
+            default=params.get("prompt", "")[:MAX_PROMPT_CHARS], max_length=MAX_PROMPT_CHARS,
         )  # fmt: skip
         self.negative: discord.ui.TextInput[EditPromptModal] = discord.ui.TextInput(
             label="Negative prompt", style=discord.TextStyle.paragraph, required=False,
-            default=(params.get("negative_prompt") or "")[:1000], max_length=1000,
+            default=(params.get("negative_prompt") or "")[:MAX_PROMPT_CHARS],
+            max_length=MAX_PROMPT_CHARS,
         )  # fmt: skip
         self.add_item(self.prompt)
         self.add_item(self.negative)
@@ -264,6 +286,18 @@ def rerun_view(job_id: int) -> discord.ui.View:
     """Under the notice that a restart lost a job."""
     view = discord.ui.View(timeout=None)
     view.add_item(JobButton("reroll", job_id, label="Run it again", emoji="🔁"))
+    return view
+
+
+def blocked_view(job_id: int) -> discord.ui.View:
+    """Under a result whose images were blocked as NSFW: nothing to vary or upscale."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(
+        JobButton("reroll", job_id, label="Reroll", emoji="🎲", style=discord.ButtonStyle.primary)
+    )
+    view.add_item(
+        JobButton("delete", job_id, label="Delete", emoji="🗑️", style=discord.ButtonStyle.danger)
+    )
     return view
 
 
