@@ -20,14 +20,14 @@ from bot.jobs import GenerationRequest
 
 
 @dataclass(frozen=True)
-class _Step:
+class Step:
     step: int
     total: int
     preview: Callable[[int], Image.Image]
 
 
 @dataclass(frozen=True)
-class _Result:
+class Result:
     images: list[Image.Image]
     seeds: list[int]
     nsfw: list[bool]
@@ -48,15 +48,15 @@ class StandInEngine:
         requests: Sequence[GenerationRequest],
         *,
         on_step: Callable[[StepInfoLike], None] | None = None,
-    ) -> list[_Result]:
+    ) -> list[Result]:
         self.load(requests[0].model)
         total = requests[0].steps
         for step in range(1, total + 1):
             time.sleep(self.step_seconds)
             if on_step is not None:
-                on_step(_Step(step, total, lambda i: Image.new("RGB", (64, 64))))
+                on_step(Step(step, total, lambda i: Image.new("RGB", (64, 64))))
         return [
-            _Result(
+            Result(
                 images=[_noise(r.width, r.height, seed) for seed in r.seeds],
                 seeds=list(r.seeds),
                 nsfw=[False] * len(r.seeds),

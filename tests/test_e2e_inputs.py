@@ -28,21 +28,13 @@ from bot.localdiscord.client import ControlClient
 from bot.localdiscord.records import Attachment
 from bot.settings import Settings
 from tests import images
+from tests.test_e2e_discord import buttons
 
 
 def rows(h: Harness, table: str = "jobs") -> list[dict[str, Any]]:
     with sqlite3.connect(h.settings.db_path) as conn:
         conn.row_factory = sqlite3.Row
         return [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY rowid")]
-
-
-def buttons(msg: dict[str, Any]) -> dict[str, str]:
-    return {
-        c.get("label") or "": c["custom_id"]
-        for row in msg.get("components") or []
-        for c in row["components"]
-        if c.get("custom_id")
-    }
 
 
 async def answer(c: ControlClient, sent: dict[str, Any], *, user_id: int | None = None) -> Any:

@@ -16,15 +16,7 @@ from PIL import Image, PngImagePlugin
 from bench.harness import Harness
 from bot.localdiscord.client import ControlClient
 from tests import images
-
-
-def buttons(msg: dict[str, Any]) -> dict[str, str]:
-    return {
-        c.get("label") or "": c["custom_id"]
-        for row in msg.get("components") or []
-        for c in row["components"]
-        if c.get("custom_id")
-    }
+from tests.test_e2e_discord import buttons
 
 
 async def answer(c: ControlClient, sent: dict[str, Any]) -> dict[str, Any]:

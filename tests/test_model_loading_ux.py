@@ -8,13 +8,13 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from bench.standin_engine import Result, Step
 from bot.backend import (
     Event,
     Finished,
@@ -41,21 +41,6 @@ def req(model: str = "builtin:tiny", steps: int = 2) -> GenerationRequest:
     return GenerationRequest(prompt="a cat", model=model, width=64, height=64, steps=steps, seed=7)
 
 
-@dataclass(frozen=True)
-class _Step:
-    step: int
-    total: int
-    preview: Callable[[int], Image.Image]
-
-
-@dataclass(frozen=True)
-class _Result:
-    images: list[Image.Image]
-    seeds: list[int]
-    nsfw: list[bool]
-    sampler: str
-
-
 class ScriptedEngine:
     """Nothing loaded at first; lists a model under its catalog name, as the real engine does."""
 
@@ -78,16 +63,14 @@ class ScriptedEngine:
         requests: Sequence[GenerationRequest],
         *,
         on_step: Callable[[StepInfoLike], None] | None = None,
-    ) -> list[_Result]:
+    ) -> list[Result]:
         self.load(requests[0].model)
         total = requests[0].steps
         for step in range(1, total + 1):
             if on_step is not None:
-                on_step(_Step(step, total, lambda i: Image.new("RGB", (8, 8))))
+                on_step(Step(step, total, lambda i: Image.new("RGB", (8, 8))))
         return [
-            _Result(
-                [Image.new("RGB", (8, 8)) for _ in r.seeds], r.seeds, [False] * r.count, "Euler"
-            )
+            Result([Image.new("RGB", (8, 8)) for _ in r.seeds], r.seeds, [False] * r.count, "Euler")
             for r in requests
         ]
 
