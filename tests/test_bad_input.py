@@ -18,6 +18,7 @@ from bench.harness import Harness
 from bot.imaging import ATTACHMENT_FORMATS_TEXT
 from bot.localdiscord.client import ControlClient
 from tests import images
+from tests.test_e2e_security import reply_to
 
 Action = Callable[[ControlClient, Harness], Awaitable[dict[str, Any]]]
 
@@ -353,19 +354,9 @@ async def test_bad_input(harness: Harness, name: str, caplog: pytest.LogCaptureF
     c = harness.control
     caplog.set_level(logging.INFO)
     sent = await case.action(c, harness)
-    inter_id = sent["interaction"]["id"]
     viewer = await (c.member_id() if case.by == "member" else c.admin_id())
-    reply = await c.wait_for_message(
-        # Content too: /pnginfo defers first, an empty ephemeral "thinking" note until it answers.
-        lambda m: (
-            m.get("interaction_metadata", {}).get("id") == inter_id
-            and bool(m["flags"] & 64)
-            and bool(m["content"])
-        ),
-        viewer=viewer,
-        timeout=60,
-    )
-    shown = reply["content"]
+    # With content: /pnginfo defers first, an empty ephemeral "thinking" note until it answers.
+    shown = await reply_to(c, sent, viewer)
     # A refusal the bot meant to give, not the catch-all for an exception nobody expected.
     assert case.says in shown, shown
     logged = [r.getMessage().lower() for r in caplog.records]

@@ -11,12 +11,13 @@ import time
 from typing import Any
 
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from bench.harness import Harness
 from bot.localdiscord.client import ControlClient
 from tests import images
 from tests.test_e2e_discord import buttons
+from tests.test_e2e_security import png_with_parameters
 
 
 async def answer(c: ControlClient, sent: dict[str, Any]) -> dict[str, Any]:
@@ -86,14 +87,6 @@ async def test_a_v_job_reruns_from_its_cell_even_after_the_grid_is_gone(harness:
 
     reroll = await answer(c, await c.click(v2["id"], buttons(v2)["Reroll"]))
     assert Image.open(io.BytesIO(await c.download(reroll["attachments"][0]))).size == (64, 64)
-
-
-def png_with_parameters(text: str) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", text)
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), "teal").save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 async def test_pnginfo_defers_before_it_downloads(harness: Harness) -> None:
