@@ -26,6 +26,8 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 BENCHMARKS = {
     "executor": "the GPU executor's figures: throughput, batching, fairness",
     "load": "the load test: many members at once through the local Discord server and the bot",
+    "serve": "the Ray Serve backend: per-job overhead, 2 replicas vs 1, fairness through Serve",
+    "gpu": "the GPU fast path: it/s, dtypes, compile, syncs, memory, OOM recovery (--quick: CPU)",
 }
 
 
@@ -99,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: `bench executor [...]`, `bench load [...]`, or both with no argument",
+        help="benchmarks: `bench executor|load|serve|gpu [...]`; no argument: executor, load",
         description="The benchmarks (tiny model on the CPU by default).\n"
         "With no BENCHMARK, both run with their defaults (options alone go to executor).\n"
         "`sdbot bench BENCHMARK --help` lists a benchmark's options.",
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """`sdbot bench [executor|load] [options]`: the scheduler figures and the load test.
+    """`sdbot bench [executor|load|serve|gpu] [options]`: the scheduler figures and the load test.
 
     Each benchmark parses its own options, so only the name is read here; `--help` and a
     name that is not a benchmark go to the `bench` parser, which lists the benchmarks.
@@ -363,10 +365,14 @@ def _bench(argv: list[str]) -> int:
     first = argv[0] if argv else "-"
     if first not in BENCHMARKS and (first in ("-h", "--help") or not first.startswith("-")):
         _parser().parse_args(["bench", first])  # prints the help or the choices, and exits
-    from bench import executor_bench, load_bench
+    from bench import executor_bench, gpu_bench, load_bench, serve_bench
 
     if argv[:1] == ["executor"]:
         return executor_bench.main(argv[1:])
     if argv[:1] == ["load"]:
         return load_bench.main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_bench.main(argv[1:])
+    if argv[:1] == ["gpu"]:
+        return gpu_bench.main(argv[1:])
     return executor_bench.main(argv) | load_bench.main([])

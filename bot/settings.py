@@ -74,6 +74,19 @@ class Settings(BaseSettings):
     playground_port: int = Field(default=8765, ge=0, le=65535)
     # The playground plays every member and admin: only this machine may reach it unless asked.
     playground_allow_remote: bool = False
+    # Where generation runs: this process's GPU, or a Ray Serve deployment (bot/serve/).
+    backend: Literal["local", "serve"] = "local"
+    # A Ray address ("auto", "ray://host:10001"), or "local": start Ray in this process and
+    # deploy the app here with serve_replicas replicas.
+    serve_address: str = "local"
+    serve_replicas: int = Field(default=1, ge=1, le=64)
+    serve_app: str = Field(default="sdbot", min_length=1, max_length=64)
+    # host:port of the AUTOMATIC1111-compatible HTTP API; None = off.
+    api_bind: str | None = None
+    # torch.compile the UNet (and VAE decoder) for a few size buckets; warm-up at start-up.
+    compile: bool = False
+    # CPU RAM (MB) that keeps evicted models' weights, so switching back is a copy; 0 = off.
+    ram_cache_mb: int = Field(default=0, ge=0, le=1_048_576)
 
     @field_validator("discord_token", "hf_token", mode="before")
     @classmethod

@@ -1,0 +1,1 @@
+"""The AUTOMATIC1111-compatible HTTP API: a second front on the same backend contract."""

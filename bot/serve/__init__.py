@@ -1,0 +1,1 @@
+"""The Ray Serve backend: a deployment (one replica per GPU) and the worker that calls it."""
