@@ -188,6 +188,7 @@ def _generate(settings: Settings, args: argparse.Namespace) -> None:
         dtype=settings.dtype,
         cache_dir=settings.cache_dir,
         catalog=catalog,
+        compile=settings.compile,
     )
     result = engine.generate([request])[0]
     texts = [

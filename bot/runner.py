@@ -140,6 +140,8 @@ def _make_engine(settings: Settings, catalog: Catalog) -> Engine:
         cache_dir=settings.cache_dir,
         catalog=catalog,
         max_loaded=settings.max_loaded_models,
+        ram_cache_mb=settings.ram_cache_mb,
+        compile=settings.compile,
     )
 
 

@@ -55,6 +55,8 @@ class Engine:
         on_load: Callable[[LoadRecord], None] | None = None,
         exact_batches: bool | None = None,
         safety_checker: SafetyChecker | None = None,
+        ram_cache_mb: int = 0,
+        compile: bool = False,
     ) -> None:
         self.device: torch.device = resolve_device(device)
         self.dtype: torch.dtype = resolve_dtype(dtype, self.device)
@@ -80,6 +82,10 @@ class Engine:
         #: One checker for all: most fine-tunes and every SDXL model ship without one, and a
         #: server's NSFW policy should not depend on which model a member picked.
         self.safety_checker = safety_checker
+        #: CPU RAM (MB) that keeps evicted models' weights; 0 = evicted models are dropped.
+        self.ram_cache_mb = ram_cache_mb
+        #: torch.compile the denoiser for a few size buckets (SDBOT_COMPILE).
+        self.compile = compile
 
     # -- loading ------------------------------------------------------------------------------
 
