@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from bot.errors import InvalidRequest, SettingsError
+from bot.jobs import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS
+from bot.samplers import canonical_name
 
 BUILTIN_TINY = "builtin:tiny"
 #: A 9-input-channel (inpainting) variant of the tiny model, for tests of the native path.
 BUILTIN_TINY_INPAINT = "builtin:tiny-inpaint"
-BUILTIN_SOURCES = (BUILTIN_TINY, BUILTIN_TINY_INPAINT)
+#: A tiny random-weight SDXL model (two text encoders, pooled embeddings, time ids).
+BUILTIN_TINY_XL = "builtin:tiny-xl"
+BUILTIN_SOURCES = (BUILTIN_TINY, BUILTIN_TINY_INPAINT, BUILTIN_TINY_XL)
+#: Model families: which diffusers pipelines a model runs on.
+FAMILIES = ("sd", "sdxl")
 TINY_NATIVE_SIZE = 64
 DEFAULT_NATIVE_SIZE = 512
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -31,7 +37,11 @@ EMBEDDINGS_SUBDIR = "embeddings"
 # Names end up in Discord choices and PNG metadata: keep them short and unambiguous.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_FIELDS = ("source", "native_size", "size", "speed", "quality", "description", "config")
+_FIELDS = (
+    "source", "native_size", "size", "speed", "quality", "description", "config",
+    "steps", "guidance", "sampler", "variant", "family",
+)  # fmt: skip
+_VARIANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _MIN_NATIVE, _MAX_NATIVE = 64, 2048
 
 
@@ -48,6 +58,14 @@ class ModelEntry:
     description: str = ""
     #: For single-file checkpoints: a local diffusers folder holding the architecture configs.
     config: str | None = None
+    #: The model's own defaults, used when a member gives none (None: the server's).
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    #: Weights variant to download (e.g. "fp16"); the default weights when the repo has none.
+    variant: str | None = None
+    #: "sd" or "sdxl"; None: found out when loading (SD unless its model_index names SDXL).
+    family: str | None = None
 
     @property
     def is_single_file(self) -> bool:
@@ -147,14 +165,15 @@ class Catalog:
         if not looks_like_source(text):
             raise InvalidRequest(
                 f"Unknown model {text!r}. Available: {', '.join(self.names())} "
-                f"(or a source: {BUILTIN_TINY}, a Hugging Face id `owner/name`, a local folder "
-                "or a .safetensors checkpoint)."
+                f"(or a source: {BUILTIN_TINY}, a Hub id `owner/name`, a folder or a "
+                ".safetensors file)."
             )
         return ModelEntry(
             name=text,
             source=text,
             native_size=probe_native_size(text),
             description="Not in the catalog; loaded from its source.",
+            family="sdxl" if text == BUILTIN_TINY_XL else None,
         )
 
     def loras(self) -> list[str]:
@@ -230,7 +249,7 @@ def _entry(name: str, raw: Any, *, where: str, base: Path | None) -> ModelEntry:
         raise bad(
             f"`native_size` {native} must be a multiple of 8 from {_MIN_NATIVE} to {_MAX_NATIVE}"
         )
-    texts: dict[str, str] = {}
+    texts: dict[str, Any] = {}
     for key in ("size", "speed", "quality", "description"):
         value = raw.get(key, "")
         if not isinstance(value, str):
@@ -248,7 +267,50 @@ def _entry(name: str, raw: Any, *, where: str, base: Path | None) -> ModelEntry:
         native_size=native,
         config=_relative_to(config.strip(), base, always=True) if config else None,
         **texts,
+        **_defaults(raw, source, bad),
     )
+
+
+def _defaults(raw: dict[str, Any], source: str, bad: Any) -> dict[str, Any]:
+    """The entry's own defaults and loading options (steps, guidance, sampler, variant, family),
+    checked with the same ranges a request is."""
+    out: dict[str, Any] = {}
+    steps = raw.get("steps")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise bad(f"`steps` must be a whole number, got {steps!r}")
+        if not MIN_STEPS <= steps <= MAX_STEPS:
+            raise bad(f"`steps` {steps} is out of range; use {MIN_STEPS} to {MAX_STEPS}")
+        out["steps"] = steps
+    guidance = raw.get("guidance")
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise bad(f"`guidance` must be a number, got {guidance!r}")
+        if not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE:
+            raise bad(
+                f"`guidance` {guidance} is out of range; use {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}"
+            )
+        out["guidance"] = float(guidance)
+    sampler = raw.get("sampler")
+    if sampler is not None:
+        if not isinstance(sampler, str):
+            raise bad(f"`sampler` must be a sampler name, got {sampler!r}")
+        try:
+            out["sampler"] = canonical_name(sampler)
+        except InvalidRequest as exc:
+            raise bad(f"`sampler`: {exc.message.rstrip('.')}") from None
+    variant = raw.get("variant")
+    if variant is not None:
+        if not isinstance(variant, str) or not _VARIANT_RE.match(variant):
+            raise bad(f'`variant` must be a weights variant such as "fp16", got {variant!r}')
+        out["variant"] = variant
+    family = raw.get("family")
+    if family is not None and family not in FAMILIES:
+        raise bad(f"`family` must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family is None and source == BUILTIN_TINY_XL:
+        family = "sdxl"
+    out["family"] = family
+    return out
 
 
 def _relative_to(value: str, base: Path | None, *, always: bool = False) -> str:

@@ -17,7 +17,14 @@ from PIL import ExifTags, Image
 from bot import imaging
 from bot.catalog import Catalog
 from bot.errors import InvalidRequest, SdbotError
-from bot.inputs import DEFAULT_STRENGTH, attachment_bytes, parse_loras, parse_size, picture_inputs
+from bot.inputs import (
+    DEFAULT_STRENGTH,
+    attachment_bytes,
+    option_defaults,
+    parse_loras,
+    parse_size,
+    picture_inputs,
+)
 from bot.jobs import GenerationRequest
 from bot.settings import Settings, check_default_model, export_hub_token, load_settings
 
@@ -77,7 +84,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"img2img/inpaint (0.05-1; default {DEFAULT_STRENGTH['img2img']:g} for img2img, "
         f"{DEFAULT_STRENGTH['inpaint']:g} for inpaint, as in Discord)",
     )
-    gen.add_argument("--scheduler", default="default", help="sampler by A1111 name, e.g. 'Euler a'")
+    gen.add_argument(
+        "--scheduler",
+        default=None,
+        help="sampler by A1111 name, e.g. 'Euler a' (default: the model's, else its own)",
+    )
     gen.add_argument("--count", type=int, default=1, help="images, seeds seed..seed+N-1 (1-4)")
     gen.add_argument(
         "--lora",
@@ -96,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--width", type=int, default=None, help="with --height, instead of --size")
     gen.add_argument("--height", type=int, default=None, help="with --width, instead of --size")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance", type=float, default=7.0)
+    gen.add_argument("--steps", type=int, default=None, help="default: the model's, else 20")
+    gen.add_argument("--guidance", type=float, default=None, help="default: the model's, else 7")
     gen.add_argument("--seed", type=int, default=None)
     bench = sub.add_parser(
         "bench",
@@ -154,14 +165,18 @@ def _generate(settings: Settings, args: argparse.Namespace) -> None:
     entry = catalog.resolve(args.model) if args.model else check_default_model(settings, catalog)
     mode = args.mode or ("inpaint" if args.mask else "img2img" if args.image else "txt2img")
     size = _size(args)
-    given: dict[str, Any] = {
+    strength = None
+    if mode != "txt2img":
+        strength = DEFAULT_STRENGTH[mode] if args.strength is None else args.strength
+    # What the shell gave, then the model's own defaults, then the built-in ones.
+    given: dict[str, Any] = option_defaults(
+        entry, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, strength=strength
+    )
+    given |= {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
         "model": entry.name,
-        "steps": args.steps,
-        "guidance": args.guidance,
         "mode": mode,
-        "scheduler": args.scheduler,
         "count": args.count,
         "loras": parse_loras(",".join(args.lora), catalog.loras()),
     }
@@ -170,7 +185,8 @@ def _generate(settings: Settings, args: argparse.Namespace) -> None:
     if mode == "txt2img":
         if args.image or args.mask:
             raise InvalidRequest("--image and --mask are for --mode img2img or inpaint.")
-        given["width"], given["height"] = size or (entry.native_size, entry.native_size)
+        if size:
+            given["width"], given["height"] = size
     else:
         if args.image is None:
             raise InvalidRequest(f"--mode {mode} needs --image FILE.")
@@ -180,7 +196,7 @@ def _generate(settings: Settings, args: argparse.Namespace) -> None:
         mask = _decode(settings, args.mask, what="mask") if inpaint and args.mask else None
         native = entry.native_size
         given.update(picture_inputs(picture, native=native, size=size, inpaint=inpaint, mask=mask))
-        given["strength"] = DEFAULT_STRENGTH[mode] if args.strength is None else args.strength
+        given["strength"] = strength
     request = GenerationRequest(**given)
 
     engine = Engine(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class SdbotError(Exception):
     """Base for errors whose message is written for the person who caused them."""
@@ -67,3 +71,20 @@ class SettingsError(SdbotError):
     """A setting is missing or malformed; the message names it."""
 
     reason = "settings"
+
+
+def without_frames(exc: E, *, unchain: bool = False) -> E:
+    """`exc` with the tracebacks of it and every exception chained to it cleared (each frame a
+    traceback holds keeps its locals alive: on a GPU, the failed run's activations); with
+    `unchain`, also with its cause and context dropped. Type and message stay."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) not in seen:
+            seen.add(id(current))
+            current.__traceback__ = None
+            pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+    if unchain:
+        exc.__cause__ = exc.__context__ = None
+    return exc

@@ -6,14 +6,17 @@ request, and the same picture is repainted at the same size, wherever they were 
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from bot import imaging
+from bot.catalog import ModelEntry
 from bot.errors import InvalidRequest
-from bot.jobs import MAX_SIZE, MIN_SIZE, LoraSpec, snap_to_8
+from bot.jobs import DEFAULT_SCHEDULER, MAX_SIZE, MAX_STEPS, MIN_SIZE, LoraSpec, snap_to_8
 
 _SIZE_RE = re.compile(r"^\s*(\d{2,5})\s*[x×*,]\s*(\d{2,5})\s*$", re.IGNORECASE)
 
@@ -22,6 +25,51 @@ _SIZE_RE = re.compile(r"^\s*(\d{2,5})\s*[x×*,]\s*(\d{2,5})\s*$", re.IGNORECASE)
 DEFAULT_STRENGTH: dict[str, float] = {"img2img": 0.6, "inpaint": 0.9}
 #: A variation (the V buttons, the "Vary image" menu): the picture's composition is kept.
 VARY_STRENGTH = 0.6
+
+
+#: The built-in defaults, when neither the member, the model nor the server says.
+BUILTIN_STEPS = 20
+BUILTIN_GUIDANCE = 7.0
+
+
+@dataclass(frozen=True)
+class Fallbacks:
+    """What a server (or the shell's owner) uses for models without their own defaults."""
+
+    steps: int = BUILTIN_STEPS
+    guidance: float = BUILTIN_GUIDANCE
+    scheduler: str = DEFAULT_SCHEDULER
+
+
+def option_defaults(
+    entry: ModelEntry,
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    scheduler: str | None = None,
+    strength: float | None = None,
+    server: Fallbacks | None = None,
+) -> dict[str, Any]:
+    """Request fields `steps`, `guidance`, `scheduler`, `width` and `height` for `entry`.
+
+    The one resolution every front uses: what the member gave wins; then the model's own
+    defaults (models.toml: a 1-step turbo model must not get 20 steps and CFG 7); then the
+    server's; then the built-in ones. The size is the model's native one. With a `strength`
+    (img2img, inpaint), a step count the member did not give is raised so that at least one
+    denoising step runs (diffusers runs int(steps * strength) of them).
+    """
+    server = server or Fallbacks()
+    chosen_steps = next(v for v in (steps, entry.steps, server.steps) if v is not None)
+    if steps is None and strength is not None and math.isfinite(strength) and strength > 0:
+        while int(chosen_steps * strength) < 1 and chosen_steps < MAX_STEPS:
+            chosen_steps += 1
+    return {
+        "steps": chosen_steps,
+        "guidance": next(v for v in (guidance, entry.guidance, server.guidance) if v is not None),
+        "scheduler": scheduler or entry.sampler or server.scheduler or DEFAULT_SCHEDULER,
+        "width": entry.native_size,
+        "height": entry.native_size,
+    }
 
 
 def parse_size(text: str) -> tuple[int, int]:

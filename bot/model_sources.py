@@ -17,7 +17,6 @@ from pathlib import Path
 from bot.catalog import (
     BUILTIN_SOURCES,
     BUILTIN_TINY,
-    BUILTIN_TINY_INPAINT,
     Catalog,
     ModelEntry,
     is_hub_id,
@@ -51,10 +50,8 @@ def locate_source(entry: ModelEntry) -> tuple[str, str]:
     if source in BUILTIN_SOURCES:
         return "builtin", source
     if source.startswith("builtin:"):
-        raise ModelLoadError(
-            f"Unknown built-in model `{source}`; the built-in ones are `{BUILTIN_TINY}` "
-            f"and `{BUILTIN_TINY_INPAINT}`."
-        )
+        known = ", ".join(f"`{name}`" for name in BUILTIN_SOURCES)
+        raise ModelLoadError(f"Unknown built-in model `{source}`; the built-in ones are {known}.")
     path = Path(source).expanduser()
     if entry.is_single_file:
         if not path.is_file():

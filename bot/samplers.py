@@ -27,7 +27,7 @@ _KARRAS = {"use_karras_sigmas": True}
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 
 # Left out on purpose: "DPM++ SDE" (DPMSolverSDEScheduler needs torchsde), "DPM++ 2S a",
-# "DPM fast" and "DPM adaptive" (no diffusers equivalent), "LCM" (needs an LCM-distilled model).
+# "DPM fast" and "DPM adaptive" (no diffusers equivalent).
 _SAMPLERS: dict[str, _Sampler] = {
     "Euler": _Sampler("EulerDiscreteScheduler"),
     "Euler a": _Sampler("EulerAncestralDiscreteScheduler"),
@@ -48,6 +48,9 @@ _SAMPLERS: dict[str, _Sampler] = {
     # PLMS is PNDM without its Runge-Kutta warm-up steps (CompVis's PLMS sampler).
     "PLMS": _Sampler("PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": False}),
     "UniPC": _Sampler("UniPCMultistepScheduler"),
+    # For LCM-distilled models (and LCM LoRAs): 2-8 steps, low guidance. On other models it
+    # runs but gives blurry images.
+    "LCM": _Sampler("LCMScheduler"),
 }
 
 #: Every sampler name a request may use besides "default", in menu order.

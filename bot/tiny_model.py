@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,9 @@ EOS_TOKEN = "<|endoftext|>"
 
 # A few merges so the BPE model actually merges something; the choice is arbitrary.
 _MERGES: tuple[tuple[str, str], ...] = (
-    ("t", "h"),
-    ("th", "e</w>"),
-    ("a", "n"),
-    ("an", "d</w>"),
-    ("i", "n"),
-    ("in", "g</w>"),
-    ("o", "n</w>"),
-    ("e", "r</w>"),
-    ("r", "e"),
-    ("o", "f</w>"),
-)
+    ("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"),
+    ("in", "g</w>"), ("o", "n</w>"), ("e", "r</w>"), ("r", "e"), ("o", "f</w>"),
+)  # fmt: skip
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -83,7 +76,8 @@ def _diffusers() -> Any:
     return diffusers
 
 
-def _build_tokenizer() -> Any:
+def build_tokenizer() -> Any:
+    """The tiny models' CLIP tokenizer (byte-level BPE, 77-token context)."""
     from transformers import CLIPTokenizer
 
     # Load from vocab.json + merges.txt on disk, the files real SD repos ship, because
@@ -127,19 +121,7 @@ def _build_components(tokenizer: Any, *, inpainting: bool = False) -> dict[str, 
         norm_num_groups=32,
     )
 
-    torch.manual_seed(TINY_MODEL_SEED)
-    # Four blocks -> three 2x downsamples -> vae_scale_factor 8, as in real SD.
-    vae = d.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = build_vae()
 
     torch.manual_seed(TINY_MODEL_SEED)
     text_config = CLIPTextConfig(
@@ -175,11 +157,27 @@ def _build_components(tokenizer: Any, *, inpainting: bool = False) -> dict[str, 
     }
 
 
+def build_vae(**overrides: Any) -> Any:
+    """The tiny models' AutoencoderKL (seeded); `overrides` change its config."""
+    torch.manual_seed(TINY_MODEL_SEED)
+    # Four blocks -> three 2x downsamples -> vae_scale_factor 8, as in real SD.
+    config: dict[str, Any] = {
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (8, 8, 16, 16),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+    }
+    return _diffusers().AutoencoderKL(in_channels=3, out_channels=3, **{**config, **overrides})
+
+
 def write_tiny_model(path: Path, *, inpainting: bool = False) -> Path:
     """Build the tiny pipeline and save it as a diffusers folder (safetensors) at `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tokenizer()
     components = _build_components(tokenizer, inpainting=inpainting)
     d = _diffusers()
     # model_index.json names the pipeline class, as real inpainting repos do.
@@ -202,8 +200,13 @@ def _is_complete(model_dir: Path) -> bool:
 
 def ensure_tiny_model(cache_dir: Path, *, inpainting: bool = False) -> Path:
     """Return `cache_dir / "tiny-sd-v1"` (or the inpainting variant), built once."""
-    cache_dir = Path(cache_dir)
     dirname = TINY_INPAINT_DIRNAME if inpainting else TINY_MODEL_DIRNAME
+    return ensure_built(cache_dir, dirname, lambda to: write_tiny_model(to, inpainting=inpainting))
+
+
+def ensure_built(cache_dir: Path, dirname: str, write: Callable[[Path], Any]) -> Path:
+    """`cache_dir / dirname`, written by `write(folder)` once (atomically) if not there yet."""
+    cache_dir = Path(cache_dir)
     final = cache_dir / dirname
     if _is_complete(final):
         return final
@@ -215,7 +218,7 @@ def ensure_tiny_model(cache_dir: Path, *, inpainting: bool = False) -> Path:
     # leaves only a stray temp dir, and concurrent builders race on the rename alone.
     tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.tmp-", dir=cache_dir))
     try:
-        write_tiny_model(tmp, inpainting=inpainting)
+        write(tmp)
         # mkdtemp makes the dir owner-only; the cache may be shared with other users.
         tmp.chmod(0o755)
         try:

@@ -25,7 +25,7 @@ from bot.discord_front.replies import echo, format_parameters_reply, open_modal,
 from bot.discord_front.services import Services, job_here, services
 from bot.discord_front.ui import start_job
 from bot.errors import InvalidRequest, NoSuchJob
-from bot.inputs import DEFAULT_STRENGTH, VARY_STRENGTH
+from bot.inputs import DEFAULT_STRENGTH, VARY_STRENGTH, Fallbacks, option_defaults
 from bot.png_parameters import parameters_in
 
 #: The job id in the custom_id of sdbot's buttons (ui.JobButton).
@@ -125,18 +125,17 @@ class ContextMenus(commands.Cog):
         interaction: discord.Interaction,
         attachment: discord.Attachment,
         found: dict[str, str],
+        *,
+        strength: float | None = None,
     ) -> dict[str, Any]:
         svc = services(interaction)
         defaults = await svc.defaults_for(interaction.guild_id)
         entry = svc.catalog.resolve(defaults.model)
+        server = Fallbacks(defaults.steps, defaults.guidance, defaults.scheduler)
         return {
+            **option_defaults(entry, strength=strength, server=server),
             "negative_prompt": found.get("negative_prompt", ""),
             "model": entry.name,
-            "width": entry.native_size,
-            "height": entry.native_size,
-            "steps": defaults.steps,
-            "guidance": defaults.guidance,
-            "scheduler": defaults.scheduler,
             "source_url": attachment.url,
         }
 
@@ -153,7 +152,7 @@ class ContextMenus(commands.Cog):
     async def vary(self, interaction: discord.Interaction, message: discord.Message) -> None:
         attachment = await final_image(interaction, message)
         found = await stored_parameters(services(interaction), attachment)
-        params = await self._base_params(interaction, attachment, found)
+        params = await self._base_params(interaction, attachment, found, strength=VARY_STRENGTH)
         params.update(
             prompt=found.get("prompt") or message.content or "a variation of this image",
             mode="img2img",
@@ -206,7 +205,13 @@ class PromptModal(discord.ui.Modal):
         self.add_item(self.strength)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        params = await self.cog._base_params(interaction, self.attachment, self.found)
+        try:  # checked below, where a refusal is recorded; here only for the step count
+            strength: float | None = float(self.strength.value)
+        except ValueError:
+            strength = None
+        params = await self.cog._base_params(
+            interaction, self.attachment, self.found, strength=strength
+        )
         params.update(prompt=self.prompt.value, mode=self.mode)
         command = "edit" if self.mode == "img2img" else "inpaint-alpha"
         async with recording_refusals(interaction, command, params):

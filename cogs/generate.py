@@ -29,7 +29,7 @@ from bot.discord_front.options import (
 from bot.discord_front.policy import check_prompt_lengths
 from bot.discord_front.services import services
 from bot.discord_front.ui import start_job
-from bot.inputs import DEFAULT_STRENGTH, parse_loras, parse_size
+from bot.inputs import DEFAULT_STRENGTH, Fallbacks, option_defaults, parse_loras, parse_size
 
 Steps = app_commands.Range[int, jobs.MIN_STEPS, jobs.MAX_STEPS]
 Guidance = app_commands.Range[float, jobs.MIN_GUIDANCE, jobs.MAX_GUIDANCE]
@@ -57,7 +57,8 @@ class Generate(commands.Cog):
         count: int,
         lora: str | None,
     ) -> dict[str, Any]:
-        """Options over the server's defaults; sizes default to the model's native one.
+        """Options over the model's defaults, then the server's (`option_defaults`); sizes
+        default to the model's native one.
 
         A refusal here (an attachment that is no image, unknown model or LoRA, malformed
         size) is recorded, then raised to the tree's error handler, which answers ephemerally.
@@ -76,18 +77,21 @@ class Generate(commands.Cog):
             defaults = await svc.defaults_for(interaction.guild_id)
             # A member may only name catalog models; the owner's default may be any source.
             entry = svc.catalog.get(model) if model else svc.catalog.resolve(defaults.model)
-            width = height = entry.native_size
+            # The member's options, then the model's own defaults, then the server's.
+            params: dict[str, Any] = option_defaults(
+                entry,
+                steps=steps,
+                guidance=guidance,
+                scheduler=scheduler,
+                strength=extra.get("strength"),
+                server=Fallbacks(defaults.steps, defaults.guidance, defaults.scheduler),
+            )
             if size:
-                width, height = parse_size(size)
-            params: dict[str, Any] = {
+                params["width"], params["height"] = parse_size(size)
+            params |= {
                 "prompt": prompt,
                 "negative_prompt": negative,
                 "model": entry.name,
-                "width": width,
-                "height": height,
-                "steps": steps if steps is not None else defaults.steps,
-                "guidance": guidance if guidance is not None else defaults.guidance,
-                "scheduler": scheduler or defaults.scheduler,
                 "count": count,
                 "loras": parse_loras(lora, svc.catalog.loras()) if lora else (),
                 **extra,

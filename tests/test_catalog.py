@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.catalog import BUILTIN_TINY, Catalog, ModelEntry, is_hub_id
+from bot.catalog import BUILTIN_TINY, BUILTIN_TINY_XL, Catalog, ModelEntry, is_hub_id
 from bot.errors import InvalidRequest, SettingsError
 
 SEED_APP_MODELS = {
@@ -17,6 +17,20 @@ SEED_APP_MODELS = {
     "prompthero/openjourney-v4",
     "wavymulder/portraitplus",
     "stabilityai/stable-diffusion-2-1",
+}
+#: Few-step and SDXL models (issue 12), and the offline models that stand in for them in tests.
+NEWER_MODELS = {
+    "stabilityai/sd-turbo",
+    "stabilityai/sdxl-turbo",
+    "SimianLuo/LCM_Dreamshaper_v7",
+    "stabilityai/stable-diffusion-xl-base-1.0",
+    "Lykon/dreamshaper-xl-1-0",
+}
+BUILTIN = {BUILTIN_TINY, BUILTIN_TINY_XL}
+NATIVE = {
+    "stabilityai/stable-diffusion-2-1": 768,
+    "stabilityai/stable-diffusion-xl-base-1.0": 1024,
+    "Lykon/dreamshaper-xl-1-0": 1024,
 }
 
 
@@ -30,12 +44,10 @@ def test_shipped_catalog_lists_the_seed_apps_models_with_tiny_first(tmp_path: Pa
     catalog = Catalog.load(None, tmp_path)
     assert catalog.entries[0].source == BUILTIN_TINY
     assert catalog.default.name == "tiny"
-    assert {e.source for e in catalog.entries} == SEED_APP_MODELS | {BUILTIN_TINY}
+    assert {e.source for e in catalog.entries} == SEED_APP_MODELS | NEWER_MODELS | BUILTIN
     for entry in catalog.entries:
         assert entry.size and entry.speed and entry.quality and entry.description, entry.name
-        expected = 64 if entry.source == BUILTIN_TINY else 512
-        if entry.source == "stabilityai/stable-diffusion-2-1":
-            expected = 768
+        expected = 64 if entry.source in BUILTIN else NATIVE.get(entry.source, 512)
         assert entry.native_size == expected, entry.name
     assert len(set(catalog.names())) == len(catalog.entries)
 

@@ -103,16 +103,23 @@ class JobFollower:
         # Previews are not checked for NSFW (the checker runs on finished images only), so
         # where flagged results are blocked no preview is posted either.
         show_previews = await self._nsfw_action() != "block"
+        # The newest preview not shown yet: the executor makes about one a second, and the
+        # edit that shows it may be for a later step than the event that brought it.
+        unshown: bytes | None = None
         async for event in self.job.stream():
             if isinstance(event, (Queued, Started, Loading, Progress)):
                 if self.job.cancel_requested:
                     continue  # the Cancel click already said so; no button to bring back
+                if isinstance(event, Progress) and event.preview is not None:
+                    unshown = event.preview
                 now = time.monotonic()
                 # Queue moves and the start always show; steps at most once a second.
                 if isinstance(event, Progress) and now - self._last_edit < EDIT_INTERVAL_S:
                     continue
                 self._last_edit = now
-                preview = event.preview if isinstance(event, Progress) else None
+                preview = None
+                if isinstance(event, Progress):
+                    preview, unshown = unshown, None
                 if not show_previews:
                     preview = None
                 await self._edit(status_text(self.job, event), view=view, preview=preview)

@@ -14,10 +14,17 @@ The package, in the order `Engine.generate` uses it:
 - `loading` (+ `sources`): locating and loading models, the LRU of loaded ones, load records.
 - `adapters`: LoRAs and textual-inversion embeddings.
 - `prompts`: prompt encoding, long prompts in 75-token chunks.
-- `denoise`: the pipeline calls of a batch, VAE decoding and the safety check (the model's own
-  checker, or one `Engine(safety_checker=...)` shared by all models).
+- `denoise`: the pipeline calls of a batch and the safety check (the model's own checker, or
+  one `Engine(safety_checker=...)` shared by all models).
+- `exact`: the UNet run once per image inside a batched call (batch-invariant images).
+- `previews`: each step's predicted final image, through TAESD or a linear latent map.
+- `decode`: VAE decoding, tiled after an out-of-memory, again in fp32 after NaNs.
 - `results`: what comes back (`GenerationResult`, `StepInfo` with previews, `LoadRecord`).
-- `device`: device and dtype, out-of-memory detection and freeing memory.
+- `failures`: a failed run turned into the bot's error, its frames dropped before any retry.
+- `compile`: opt-in torch.compile of the UNet and VAE decoder for a few size buckets.
+- `memory`, `residency`: free-memory probes, batch and model limits, the RAM tier, the shared
+  safety checker.
+- `device`: device and dtype (bf16/fp16 policy, TF32), out-of-memory detection, freeing memory.
 
 Nothing here imports discord: the executor (or a Ray Serve replica) drives it.
 """

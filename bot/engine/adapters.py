@@ -3,7 +3,9 @@
 LoRAs are peft adapters named by the engine; up to MAX_CACHED_LORAS stay loaded (inactive)
 per model, reloaded when their file changes, and are active only during the call that asked
 for them. Embeddings are loaded the first time a prompt names one (by file name) and then
-stay: a prompt that does not name them is unaffected.
+stay: a prompt that does not name them is unaffected. On SDXL models LoRAs reach both text
+encoders (diffusers' load_lora_weights), and an embedding's `clip_l` and `clip_g` vectors go
+into the first and second encoder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
 
 from bot.catalog import Catalog
 from bot.engine.loading import LoadedModel
@@ -116,10 +123,12 @@ class Adapters:
                 continue
             # Tried once per model: a failure is logged and the word stays plain text.
             loaded.embeddings.add(name)
+            path = self.catalog.embedding_path(name)
             try:
-                loaded.base.load_textual_inversion(
-                    str(self.catalog.embedding_path(name)), token=name
-                )
+                if loaded.family == "sdxl":
+                    _load_sdxl_embedding(loaded.base, path, name)
+                else:
+                    loaded.base.load_textual_inversion(str(path), token=name)
                 log.info("loaded embedding %s into %s", name, loaded.entry.name)
             except Exception as exc:
                 log.warning(
@@ -128,6 +137,29 @@ class Adapters:
                     loaded.entry.name,
                     short_error(exc, 300),
                 )
+
+
+def _load_sdxl_embedding(pipe: Any, path: Path, token: str) -> None:
+    """An SDXL embedding holds vectors for each text encoder: `clip_l` for the first and
+    `clip_g` for the second (A1111's and diffusers' layout); each goes into its encoder and
+    tokenizer. Checked before either is loaded, so a misfit leaves both untouched."""
+    if path.suffix.lower() == ".safetensors":
+        state: Any = load_file(str(path))
+    else:  # .pt/.bin: tensors only, never pickled code
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    pairs = (
+        (pipe.text_encoder, pipe.tokenizer, "clip_l"),
+        (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g"),
+    )
+    for encoder, _, key in pairs:
+        vectors = state.get(key) if isinstance(state, dict) else None
+        width = int(encoder.config.hidden_size)
+        if not isinstance(vectors, torch.Tensor) or vectors.shape[-1] != width:
+            raise ValueError(f"no {key} vectors {width} wide: not an embedding for this SDXL model")
+    for encoder, tokenizer, key in pairs:
+        pipe.load_textual_inversion(
+            state[key], token=token, text_encoder=encoder, tokenizer=tokenizer
+        )
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""The pipeline calls of one batch: embeddings and seeds in, latents out, then pixels.
+"""The pipeline calls of one batch: embeddings and seeds in, latents out; and the safety
+check of the decoded images (the decode itself is `bot.engine.decode`).
 
 Requests that share a batch_key() run as one pipeline call per prompt length, with one CPU
 generator per image, and decode one image at a time; so image i of a batch is the image a
@@ -7,15 +8,16 @@ solo run with its seed gives (bit for bit with `exact`, which runs the UNet once
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bot.engine.exact import per_image_unet
+from bot.engine.previews import X0, Previews, capture_x0, family, linear_decoder
 from bot.engine.prompts import Prepared
 from bot.engine.results import StepInfo
 from bot.jobs import GenerationRequest
@@ -28,8 +30,13 @@ def denoise(
     on_step: Callable[[StepInfo], None] | None,
     *,
     exact: bool,
+    previews: Previews | None = None,
 ) -> list[torch.Tensor]:
-    """The final latents of each request (count x 4 x h/8 x w/8), in request order."""
+    """The final latents of each request (count x 4 x h/8 x w/8), in request order.
+
+    `on_step` gets a StepInfo after every step; its previews show each step's prediction of
+    the final image, through `previews`' decoder for this model (else the linear map).
+    """
     first = requests[0]
     # Requests whose prompts need a different number of 77-token chunks cannot share a
     # call without padding one of them (which would change its image): one call per size.
@@ -39,7 +46,11 @@ def denoise(
     latent_size = (first.width // 8, first.height // 8)
     rows: list[tuple[Any, int] | None] = [None] * len(requests)
     latents_by_request: dict[int, torch.Tensor] = {}
+    decode = None
+    if on_step is not None:
+        decode = previews.decoder(pipe) if previews is not None else linear_decoder(family(pipe))
     for number, members in enumerate(groups.values()):
+        x0 = X0()
 
         def step_end(
             pipeline: Any,
@@ -48,27 +59,36 @@ def denoise(
             kwargs: dict[str, Any],
             members: list[int] = members,
             number: int = number,
+            x0: X0 = x0,
         ) -> dict[str, Any]:
+            # No host sync here: references and Python ints only; a preview is computed (and
+            # copied off the device) only when the executor asks for one.
             if on_step is not None:
+                per_call = int(pipeline.num_timesteps)
                 latents = kwargs["latents"]
+                if step_index + 1 < per_call:
+                    # The step's prediction of the final latents, not the noisy ones (the
+                    # last step's latents are final: for inpainting, blended with the input's).
+                    latents = x0.of(latents)
                 row = 0
                 for index in members:
                     rows[index] = (latents, row)
                     row += requests[index].count
-                per_call = int(pipeline.num_timesteps)
                 on_step(
                     StepInfo(
                         step=number * per_call + step_index + 1,
                         total=per_call * len(groups),
                         _rows=tuple(rows),
                         _latent_size=latent_size,
+                        _decode=decode,
                     )
                 )
             return kwargs
 
-        latents = _call(
-            pipe, [requests[i] for i in members], prepared, members, step_end, exact=exact
-        )
+        with capture_x0(pipe, x0):
+            latents = _call(
+                pipe, [requests[i] for i in members], prepared, members, step_end, exact=exact
+            )
         row = 0
         for index in members:
             n = requests[index].count
@@ -76,19 +96,6 @@ def denoise(
             rows[index] = (latents, row)  # finished: previews show its last latents
             row += n
     return [latents_by_request[index] for index in range(len(requests))]
-
-
-def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """RGB images of `latents`, decoded by the model's VAE."""
-    # One image at a time: a batch-size-independent result, and the VAE's peak memory
-    # (the largest of the whole run at 512px and up) stays that of a single image.
-    out: list[Image.Image] = []
-    scale = float(pipe.vae.config.scaling_factor)
-    for i in range(latents.shape[0]):
-        decoded = pipe.vae.decode(latents[i : i + 1] / scale, return_dict=False)[0]
-        pil = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
-        out.append(pil if pil.mode == "RGB" else pil.convert("RGB"))
-    return out
 
 
 #: A safety check shared by every model: the decoded images of one batch in, one verdict per
@@ -145,31 +152,36 @@ def _call(
 ) -> torch.Tensor:
     """One pipeline call for `requests` (same batch key and prompt length) -> latents."""
     first = requests[0]
-    positive: list[torch.Tensor] = []
-    negative: list[torch.Tensor] = []
+    embeds: dict[str, list[torch.Tensor]] = {}
     generators: list[torch.Generator] = []
     for request, index in zip(requests, members, strict=True):
         p = prepared[index]
         for seed in request.seeds:
-            positive.append(p.positive)
-            if p.negative is not None:
-                negative.append(p.negative)
+            # SDXL's pooled embeddings ride along; the pipeline makes its time ids from sizes.
+            for name, tensor in (
+                ("prompt_embeds", p.positive),
+                ("negative_prompt_embeds", p.negative),
+                ("pooled_prompt_embeds", p.pooled),
+                ("negative_pooled_prompt_embeds", p.negative_pooled),
+            ):
+                if tensor is not None:
+                    embeds.setdefault(name, []).append(tensor)
             # A CPU generator per image: the same seed gives the same image on any device
             # and at any position in any batch.
             generators.append(torch.Generator(device="cpu").manual_seed(seed))
+    parameters = set(inspect.signature(pipe.__call__).parameters)
     kwargs: dict[str, Any] = {
-        "prompt_embeds": torch.cat(positive),
-        "negative_prompt_embeds": torch.cat(negative) if negative else None,
-        "width": first.width,
-        "height": first.height,
+        **{name: torch.cat(tensors) for name, tensors in embeds.items()},
         "num_inference_steps": first.steps,
         "guidance_scale": first.guidance,
         "generator": generators,
         "output_type": "latent",
         "callback_on_step_end": step_end,
     }
+    if "width" in parameters:  # img2img pipelines take the size of their image
+        kwargs.update(width=first.width, height=first.height)
     size = (first.width, first.height)
-    if "mask_image" in set(inspect.signature(pipe.__call__).parameters):
+    if "mask_image" in parameters:
         # The inpainting pipeline: inpaint, or any mode on an inpainting (9-channel) UNet.
         images: list[Image.Image] = []
         masks: list[Image.Image] = []
@@ -185,7 +197,7 @@ def _call(
             assert request.init_image is not None
             images += [_sized(request.init_image, size, "RGB")] * request.count
         kwargs.update(image=images, strength=first.strength)
-    with _per_image_unet(pipe.unet, len(generators), enabled=exact):
+    with per_image_unet(pipe.unet, len(generators), enabled=exact):
         result = pipe(**kwargs)
     latents: torch.Tensor = result.images
     return latents
@@ -214,70 +226,3 @@ def _inpaint_inputs(
     else:
         image = Image.new("RGB", size, (127, 127, 127))
     return image, Image.new("L", size, 255)
-
-
-@contextlib.contextmanager
-def _per_image_unet(unet: Any, images: int, *, enabled: bool) -> Iterator[None]:
-    """While active, a UNet call on a batch runs once per image.
-
-    The pipeline stacks [uncond_0..uncond_n-1, cond_0..cond_n-1]; image i's rows are
-    (i, n + i), exactly the two rows a solo run feeds the UNet, so each per-image call is
-    the solo call and its output is bit-identical to it.
-    """
-    if not enabled or images <= 1:
-        yield
-        return
-    original = unet.forward
-
-    def forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        total = sample.shape[0]
-        if total % images:
-            return original(sample, *args, **kwargs)
-        copies = total // images
-        return_dict = kwargs.pop("return_dict", True)
-
-        def pick(value: Any, index: torch.Tensor) -> Any:
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == total:
-                # Indexing (unlike index_select) keeps the memory format: img2img latents are
-                # channels-last, and convolutions take another (not bit-equal) kernel on a
-                # contiguous copy.
-                return value[index]
-            return value
-
-        out: torch.Tensor | None = None
-        for i in range(images):
-            index = torch.tensor([i + c * images for c in range(copies)], device=sample.device)
-            result = original(
-                pick(sample, index),
-                *(pick(a, index) for a in args),
-                return_dict=False,
-                **{k: pick(v, index) for k, v in kwargs.items()},
-            )[0]
-            if out is None:
-                # The solo output's layout too, so the next step's inputs match a solo run's.
-                channels_last = (
-                    result.ndim == 4
-                    and not result.is_contiguous()
-                    and result.is_contiguous(memory_format=torch.channels_last)
-                )
-                layout = torch.channels_last if channels_last else torch.contiguous_format
-                out = torch.empty(
-                    (total, *result.shape[1:]),
-                    dtype=result.dtype,
-                    device=result.device,
-                    memory_format=layout,
-                )
-            out[index] = result
-        assert out is not None
-        if not return_dict:
-            return (out,)
-        # Lazy: diffusers takes seconds to import; this runs only inside a pipeline call.
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=out)
-
-    unet.forward = forward
-    try:
-        yield
-    finally:
-        del unet.forward

@@ -3,28 +3,41 @@
 Synchronous on purpose: the bot calls it from a single dedicated GPU worker thread, so there
 is no locking here and at most one pipeline call runs at a time. `generate` reads as the
 numbered steps of a diffusers pipeline's `__call__`; each step's work lives in its own module
-(loading, adapters, prompts, denoise), and this is the one place where torch's errors become
-the bot's (`GpuOutOfMemory`, `GenerationFailed`), after the memory of a failed run is freed.
+(loading, adapters, prompts, denoise, decode), and this is the one place where torch's errors
+become the bot's (`GpuOutOfMemory`, `GenerationFailed`): outside the `except` block, with the
+failed run's frames cleared and its memory freed (`failures`). `batch_limit` tells the
+executor how many images fit by the device memory free (`memory`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bot.catalog import Catalog
+from bot.catalog import Catalog, ModelEntry
 from bot.engine.adapters import Adapters
-from bot.engine.denoise import SafetyChecker, decode_latents, denoise, safety_flags
-from bot.engine.device import free_memory, is_oom, resolve_device, resolve_dtype
+from bot.engine.compile import Compiler
+from bot.engine.decode import decode_latents
+from bot.engine.denoise import SafetyChecker, denoise, safety_flags
+from bot.engine.device import enable_tf32, free_memory, resolve_device, resolve_dtype
+from bot.engine.failures import RunFailures
 from bot.engine.loading import LoadedModel, LoadedModels, native_size
+from bot.engine.memory import (
+    MemoryProbe,
+    batch_images,
+    cuda_probe,
+    decode_bytes,
+    image_bytes,
+    memory_stats,
+)
+from bot.engine.previews import Previews
 from bot.engine.prompts import encode_prompt
 from bot.engine.results import GenerationResult, LoadRecord, StepInfo
-from bot.errors import GenerationFailed, GpuOutOfMemory, InvalidRequest, SdbotError
+from bot.errors import GenerationFailed, InvalidRequest, SdbotError
 from bot.jobs import GenerationRequest
 from bot.model_sources import availability
 from bot.samplers import DEFAULT as DEFAULT_SCHEDULER
@@ -36,6 +49,9 @@ if TYPE_CHECKING:
     from bot.jobs import Mode
 
 log = logging.getLogger(__name__)
+
+#: Engine.batch_limit where memory does not decide (the executor's max_batch does).
+NO_BATCH_LIMIT = 1 << 16
 
 #: The LoRA folder when no catalog is given; the same default as Settings.lora_dir.
 DEFAULT_LORA_DIR = Path("data/loras")
@@ -56,10 +72,12 @@ class Engine:
         exact_batches: bool | None = None,
         safety_checker: SafetyChecker | None = None,
         ram_cache_mb: int = 0,
+        memory_probe: MemoryProbe | None = None,
         compile: bool = False,
     ) -> None:
         self.device: torch.device = resolve_device(device)
         self.dtype: torch.dtype = resolve_dtype(dtype, self.device)
+        enable_tf32(self.device)
         self.cache_dir = Path(cache_dir)
         self.catalog = catalog if catalog is not None else Catalog.load(None, DEFAULT_LORA_DIR)
         self.models = LoadedModels(
@@ -69,14 +87,21 @@ class Engine:
             catalog=self.catalog,
             max_loaded=max_loaded,
             on_load=on_load,
+            ram_cache_mb=ram_cache_mb,
+            # Tests and the benchmark inject a probe; on CUDA the device's own by default.
+            probe=memory_probe if memory_probe is not None else cuda_probe(self.device),
         )
+        #: Models whose half-precision VAE needed an fp32 re-decode (logged once each).
+        self._upcast_logged: set[str] = set()
         self.adapters = Adapters(self.catalog)
         #: Run the UNet once per image inside a batched call, so a batched image is
         #: bit-identical to a solo run with its seed. Kernels pick other summation orders for
         #: other batch sizes (on CPU the UNet's output moves by ~2e-6, which flips ~10 of
-        #: 196,608 pixel values by one level at 256px), so this is on by default on CPU/MPS;
-        #: on CUDA the batched UNet is the point of batching, and images then match solo runs
-        #: to within rounding. The VAE and text encoder always run one image at a time.
+        #: 196,608 pixel values by one level at 256px), so this is on by default on CPU/MPS,
+        #: where it costs little at full size (SD 1.5 UNet, 512px, batch 2: +5% time, measured
+        #: by `sdbot bench gpu`); on CUDA the batched UNet is the point of batching, and
+        #: images then match solo runs to within rounding. The VAE and text encoder always
+        #: run one image at a time.
         self.exact_batches = self.device.type != "cuda" if exact_batches is None else exact_batches
         #: Judges the images of every model (None: each model's own checker, where it has one).
         #: One checker for all: most fine-tunes and every SDXL model ship without one, and a
@@ -86,6 +111,10 @@ class Engine:
         self.ram_cache_mb = ram_cache_mb
         #: torch.compile the denoiser for a few size buckets (SDBOT_COMPILE).
         self.compile = compile
+        #: Compiles each model's UNet and VAE decoder (bot/engine/compile.py) when `compile`.
+        self.compiler: Compiler | None = Compiler() if compile else None
+        #: Step previews: TAESD where its weights are in the cache folder, else a linear map.
+        self.previews = Previews(self.cache_dir, device=self.device, dtype=self.dtype)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -123,7 +152,10 @@ class Engine:
 
     def load(self, model: str) -> Any:
         """The txt2img pipeline of `model` (a catalog name or a source), loading it if needed."""
-        return self.models.ensure(model).base
+        loaded = self.models.ensure(model)
+        if self.compiler is not None:  # at preload, so the warm-up is not a member's wait
+            self.compiler.prepare(loaded, loaded.base)
+        return loaded.base
 
     def pipeline(self, model: str, mode: Mode) -> Any:
         """The pipeline for `mode`; all modes of a model share one set of weights."""
@@ -132,6 +164,36 @@ class Engine:
     def unload(self, model: str | None = None) -> None:
         """Free one model (or all of them)."""
         self.models.unload(model)
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def batch_limit(self, request: GenerationRequest) -> int:
+        """Most images like `request`'s that one call should make, by the device memory free
+        after the last load or run (the executor caps its batches with it; SDBOT_MAX_BATCH
+        stays the ceiling). Plain arithmetic on a cached figure: safe from any thread.
+        A large number where there is no device memory to go by (CPU, MPS; on CUDA before
+        the first load)."""
+        free = self.models.residency.free_bytes
+        if free is None:
+            return NO_BATCH_LIMIT
+        entry = self._entry(request.model)
+        if entry is None or not self.models.is_loaded(entry.name):
+            # Its weights will take room before the batch runs.
+            free -= self.models.residency.expected_bytes(None if entry is None else entry.name)
+        xl = entry is not None and getattr(entry, "family", None) == "sdxl"
+        w, h = request.width, request.height
+        per_image = image_bytes(w, h, cfg=request.guidance > 1.0, dtype=self.dtype, xl=xl)
+        return batch_images(free, per_image=per_image, reserve=decode_bytes(w, h, dtype=self.dtype))
+
+    def memory_stats(self) -> dict[str, float]:
+        """allocated_mb and reserved_mb of torch's CUDA allocator on this device (0s off CUDA)."""
+        return memory_stats(self.device)
+
+    def _entry(self, model: str) -> ModelEntry | None:
+        try:
+            return self.catalog.resolve(model)
+        except InvalidRequest:
+            return None
 
     def native_size(self, source: str) -> tuple[int, int]:
         """(width, height) the model was trained at; other sizes work but may look worse."""
@@ -164,12 +226,15 @@ class Engine:
         # 2. Load the model, and its pipeline for this mode
         loaded = self.models.ensure(first.model)
         pipe = self.models.pipeline(loaded, first.mode)
+        if self.compiler is not None:
+            self.compiler.prepare(loaded, pipe)
 
         # 3. Prepare the scheduler
         sampler = self._set_scheduler(pipe, loaded, first.scheduler)
 
         # 4. Apply the LoRAs, for this call only
-        with self._failures(requests), self.adapters.applied(loaded, first.loras):
+        failures = RunFailures(requests)
+        with failures, self.adapters.applied(loaded, first.loras):
             # 5. Load the textual-inversion embeddings the prompts name
             self.adapters.load_embeddings(loaded, requests)
             # Only now: adapter and embedding weights outlive this call, and tensors made in
@@ -180,15 +245,36 @@ class Engine:
                 prepared = [encode_prompt(pipe, r, cfg=cfg, device=self.device) for r in requests]
 
                 # 7. Denoise: one pipeline call per prompt length, a CPU generator per image
-                latents = denoise(pipe, requests, prepared, on_step, exact=self.exact_batches)
+                latents = denoise(
+                    pipe,
+                    requests,
+                    prepared,
+                    on_step,
+                    exact=self.exact_batches,
+                    previews=self.previews,
+                )
 
                 # 8. Decode the latents
-                images = [image for batch in latents for image in decode_latents(pipe, batch)]
+                images = [
+                    image
+                    for batch in latents
+                    for image in decode_latents(
+                        pipe, batch, model=loaded.entry.name, upcast_logged=self._upcast_logged
+                    )
+                ]
 
                 # 9. Run the safety checker (ours, else the model's)
                 nsfw = safety_flags(
                     pipe, images, device=self.device, dtype=self.dtype, checker=self.safety_checker
                 )
+        failed = failures.take()
+        if failed is not None:
+            # Outside every handler: the failed run's frames, and the tensors they held, are
+            # unreachable now, so this frees them before anyone retries.
+            free_memory(self.device)
+            self.models.residency.measure()
+            raise failed
+        self.models.residency.measure()
 
         # 10. Hand each request its images
         return _per_request(requests, images, nsfw, sampler)
@@ -208,28 +294,6 @@ class Engine:
             ) from exc
         pipe.scheduler = scheduler
         return scheduler_label(scheduler) if name == DEFAULT_SCHEDULER else name
-
-    @contextlib.contextmanager
-    def _failures(self, requests: Sequence[GenerationRequest]) -> Iterator[None]:
-        """Free the memory of a failed run, and raise what failed as the bot's own error."""
-        first = requests[0]
-        try:
-            yield
-        except SdbotError:  # JobCancelled from on_step, InvalidRequest for a LoRA, ...
-            free_memory(self.device)
-            raise
-        except Exception as exc:
-            free_memory(self.device)
-            if is_oom(exc):
-                size = f"{first.width}x{first.height}"
-                raise GpuOutOfMemory(
-                    f"Ran out of GPU memory making {sum(r.count for r in requests)} image(s) "
-                    f"at {size}; try fewer images or a smaller size."
-                ) from exc
-            log.exception("generation failed for model %s", first.model)
-            raise GenerationFailed(
-                "Image generation failed unexpectedly. Try again, or with different settings."
-            ) from exc
 
 
 def _per_request(

@@ -22,8 +22,10 @@ import torch
 
 from bot.catalog import Catalog, ModelEntry
 from bot.engine.device import free_memory, is_oom
+from bot.engine.memory import MemoryProbe
+from bot.engine.residency import Residency
 from bot.engine.results import LoadRecord
-from bot.engine.sources import load_error, locate, public_error
+from bot.engine.sources import load_error, locate, model_family, public_error
 from bot.errors import InvalidRequest, ModelLoadError, SettingsError
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,11 @@ class LoadedModel:
     def inpainting_unet(self) -> bool:
         return int(self.base.unet.config.in_channels) == 9
 
+    @property
+    def family(self) -> str:
+        """The model family: "sdxl" for the SDXL pipelines (two text encoders), else "sd"."""
+        return "sdxl" if getattr(self.base, "text_encoder_2", None) is not None else "sd"
+
 
 class LoadedModels:
     """The loaded models, least recently used first; loading one may evict the oldest."""
@@ -56,6 +63,8 @@ class LoadedModels:
         catalog: Catalog,
         max_loaded: int,
         on_load: Callable[[LoadRecord], None] | None,
+        ram_cache_mb: int = 0,
+        probe: MemoryProbe | None = None,
     ) -> None:
         if isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1:
             raise SettingsError(f"max_loaded must be at least 1, got {max_loaded!r}.")
@@ -63,9 +72,13 @@ class LoadedModels:
         self.dtype = dtype
         self.cache_dir = cache_dir
         self.catalog = catalog
+        #: The ceiling (SDBOT_MAX_LOADED_MODELS); with a probe, free memory decides below it.
         self.max_loaded = max_loaded
         self.on_load = on_load
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        #: Room on the device (free memory decides below max_loaded), the RAM tier of
+        #: evicted models, and the one safety checker they all share.
+        self.residency = Residency(device=device, ram_cache_mb=ram_cache_mb, probe=probe)
 
     def names(self) -> list[str]:
         """Catalog names of the loaded models, least recently used first."""
@@ -89,12 +102,15 @@ class LoadedModels:
             return False
 
     def unload(self, model: str | None = None) -> None:
-        """Free one model (or all of them)."""
+        """Free one model (or all of them), from the device and from the RAM tier."""
         names = list(self._models) if model is None else [self.catalog.resolve(model).name]
         for name in names:
-            if self._models.pop(name, None) is not None:
+            if self._models.pop(name, None) is not None or self.residency.forget(name):
                 log.info("unloaded model %s", name)
+        if model is None and self.residency.forget(None):
+            log.info("emptied the RAM tier")
         free_memory(self.device)
+        self.residency.measure()
 
     def ensure(self, model: str) -> LoadedModel:
         """`model` (a catalog name or a source), loading it if needed; now the newest."""
@@ -104,29 +120,34 @@ class LoadedModels:
             self._models.move_to_end(entry.name)
             return loaded
         started = time.perf_counter()
+        residency = self.residency
+        restoring = entry.name in residency.ram
         try:
-            # Reject what cannot load before evicting anything, so a typo (or a Hub model that
-            # is not downloaded, offline) leaves the loaded models loaded.
-            kind, location = locate(entry, self.cache_dir)
-            while len(self._models) >= self.max_loaded:
-                # Free before loading: two SD models may not fit in VRAM together.
-                name, _ = self._models.popitem(last=False)
-                log.info("evicting model %s to make room for %s", name, entry.name)
-                free_memory(self.device)
-            pipe = self._load_pipeline(entry, kind, location)
+            if not restoring:
+                # Reject what cannot load before evicting anything, so a typo (or a Hub model
+                # that is not downloaded, offline) leaves the loaded models loaded.
+                kind, location = locate(entry, self.cache_dir)
+                residency.make_room(self._models, entry.name, self.max_loaded)
+                pipe = self._load_pipeline(entry, kind, location)
+                residency.share_checker(pipe)
+                loaded = LoadedModel(entry, pipe, dict(pipe.scheduler.config))
+            else:
+                loaded = residency.restore(self._models, entry, self.max_loaded)
         except ModelLoadError as exc:
             self._report(entry, started, ok=False, memory_mb=None, error=exc.message)
             raise
-        loaded = LoadedModel(entry, pipe, dict(pipe.scheduler.config))
         self._models[entry.name] = loaded
-        memory = _module_megabytes(pipe)
+        residency.loaded(entry.name, loaded.base)
+        residency.trim(self._models)
+        memory = _module_megabytes(loaded.base)
         self._report(entry, started, ok=True, memory_mb=memory, error=None)
         log.info(
-            "loaded model %s (%s) on %s as %s: %.0f MB",
+            "loaded model %s (%s) on %s as %s%s: %.0f MB",
             entry.name,
             entry.source,
             self.device,
             self.dtype,
+            " from RAM" if restoring else "",
             memory,
         )
         return loaded
@@ -143,19 +164,35 @@ class LoadedModels:
             # Lazy: importing diffusers takes seconds, and only the worker thread needs it.
             import diffusers
 
-            cls: Any = (
-                diffusers.StableDiffusionInpaintPipeline
-                if key == "inpaint"
-                else diffusers.StableDiffusionImg2ImgPipeline
-            )
+            base = loaded.base
             # Built from the base pipeline's components: the very same module objects, so no
             # weights are copied. (Not from_pipe: it casts the shared modules to its `dtype`
             # argument, float32 by default, which would turn a float16 model into float32.)
-            base = loaded.base
-            pipe = cls(
-                **base.components,
-                requires_safety_checker=bool(base.config.get("requires_safety_checker", False)),
-            )
+            if loaded.family == "sdxl":
+                cls: Any = (
+                    diffusers.StableDiffusionXLInpaintPipeline
+                    if key == "inpaint"
+                    else diffusers.StableDiffusionXLImg2ImgPipeline
+                )
+                options: dict[str, Any] = {
+                    "force_zeros_for_empty_prompt": bool(
+                        base.config.get("force_zeros_for_empty_prompt", True)
+                    ),
+                    # sdbot decodes the latents itself: a watermark would never be applied.
+                    "add_watermarker": False,
+                }
+            else:
+                cls = (
+                    diffusers.StableDiffusionInpaintPipeline
+                    if key == "inpaint"
+                    else diffusers.StableDiffusionImg2ImgPipeline
+                )
+                options = {
+                    "requires_safety_checker": bool(
+                        base.config.get("requires_safety_checker", False)
+                    )
+                }
+            pipe = cls(**base.components, **options)
             pipe.set_progress_bar_config(disable=True)
             loaded.pipes[key] = pipe
         return pipe
@@ -188,13 +225,17 @@ class LoadedModels:
         # Lazy: importing diffusers takes seconds, and only the worker thread needs it.
         import diffusers.utils.logging
         import transformers.utils.logging
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         # Their per-file progress bars garble the bot's log and the shell; we log the load.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
-        pipeline_cls: Any = StableDiffusionPipeline  # unannotated in diffusers
+        family = model_family(entry, kind, location)
+        # Unannotated in diffusers, hence Any.
+        pipeline_cls: Any = (
+            StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        )
         try:
             if kind == "single_file":
                 config = str(Path(entry.config).expanduser()) if entry.config else None
@@ -205,8 +246,8 @@ class LoadedModels:
                 )
             else:
                 # local_files_only: a local folder (builtin:tiny included) never hits the network.
-                pipe = pipeline_cls.from_pretrained(
-                    location, dtype=self.dtype, local_files_only=kind == "folder"
+                pipe = _from_pretrained(
+                    pipeline_cls, location, entry.variant, self.dtype, local=kind == "folder"
                 )
         except Exception as exc:
             raise load_error(entry, kind, location, exc) from exc
@@ -228,6 +269,23 @@ class LoadedModels:
                 f"({public_error(exc, location)})."
             ) from exc
         return pipe
+
+
+def _from_pretrained(
+    pipeline_cls: Any, location: str, variant: str | None, dtype: torch.dtype, *, local: bool
+) -> Any:
+    """from_pretrained, with the catalog's weights `variant` (e.g. fp16: half the download)
+    when the model has it, and its default weights when it has not."""
+    if variant:
+        try:
+            return pipeline_cls.from_pretrained(
+                location, dtype=dtype, variant=variant, local_files_only=local
+            )
+        except (OSError, ValueError) as exc:
+            if variant not in str(exc):  # not about the variant: the default weights fail too
+                raise
+            log.info("%s has no %s weights (%s); loading its default ones", location, variant, exc)
+    return pipeline_cls.from_pretrained(location, dtype=dtype, local_files_only=local)
 
 
 def native_size(pipe: Any) -> tuple[int, int]:

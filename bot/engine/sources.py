@@ -1,6 +1,6 @@
 """Where a model's weights come from, and what to tell the owner when they cannot be read.
 
-A catalog source is the built-in tiny model, a local diffusers folder, a single-file
+A catalog source is a built-in tiny model (SD or SDXL), a local diffusers folder, a single-file
 checkpoint (.safetensors/.ckpt, with an optional local config folder), or a Hugging Face Hub
 id. `locate` checks it without reading weights (`bot.model_sources`, the same check the fronts
 list availability with), builds the tiny model, and asks the Hub for a model not downloaded
@@ -11,14 +11,16 @@ they name the model, never a file on the server (the log has the paths).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
 
-from bot.catalog import BUILTIN_TINY_INPAINT, ModelEntry
+from bot.catalog import BUILTIN_TINY_INPAINT, BUILTIN_TINY_XL, ModelEntry
 from bot.errors import ModelLoadError
 from bot.model_sources import hub_cached, hub_unreachable, locate_source
 from bot.tiny_model import ensure_tiny_model
+from bot.tiny_xl import ensure_tiny_xl
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,10 @@ def locate(entry: ModelEntry, cache_dir: Path) -> tuple[str, str]:
         raise
     if kind == "builtin":
         try:
-            folder = ensure_tiny_model(cache_dir, inpainting=location == BUILTIN_TINY_INPAINT)
+            if location == BUILTIN_TINY_XL:
+                folder = ensure_tiny_xl(cache_dir)
+            else:
+                folder = ensure_tiny_model(cache_dir, inpainting=location == BUILTIN_TINY_INPAINT)
         except Exception as exc:
             log.error("building %s in %s failed", location, cache_dir, exc_info=exc)
             raise ModelLoadError(
@@ -49,6 +54,29 @@ def locate(entry: ModelEntry, cache_dir: Path) -> tuple[str, str]:
     if kind == "hub" and not hub_cached(location):
         _reach_hub(entry)
     return kind, location
+
+
+def model_family(entry: ModelEntry, kind: str, location: str) -> str:
+    """ "sd" or "sdxl": the catalog's `family`, else what the model's model_index.json names
+    (a folder, the Hub cache, a single file's config folder); SD when nothing says."""
+    if entry.family:
+        return entry.family
+    index: Path | None = None
+    if kind == "folder":
+        index = Path(location) / "model_index.json"
+    elif kind == "single_file" and entry.config:
+        index = Path(entry.config).expanduser() / "model_index.json"
+    elif kind == "hub":
+        # Lazy: huggingface_hub comes with diffusers, which only the worker thread imports.
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(location, "model_index.json")
+        index = Path(found) if isinstance(found, str) else None
+    try:
+        name = str(json.loads(index.read_text(encoding="utf-8"))["_class_name"]) if index else ""
+    except (OSError, ValueError, KeyError, TypeError):
+        name = ""
+    return "sdxl" if "StableDiffusionXL" in name else "sd"
 
 
 def _reach_hub(entry: ModelEntry) -> None:

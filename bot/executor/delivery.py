@@ -27,7 +27,7 @@ from bot.backend import (
     Started,
 )
 from bot.db import Database
-from bot.errors import GenerationFailed, JobCancelled, SdbotError
+from bot.errors import GenerationFailed, JobCancelled, SdbotError, without_frames
 from bot.executor.local_job import LocalJob, Outcome
 from bot.imaging import encode_pngs, request_parameters
 
@@ -161,8 +161,13 @@ class Delivery:
     def fail(self, job: LocalJob, exc: BaseException) -> None:
         """Fail one job: the user sees a plain message, the row keeps the detail."""
         if isinstance(exc, SdbotError):
+            # The engine keeps the original error as a note (its frames would pin memory);
+            # other raisers may still chain it as the cause.
+            notes = list(getattr(exc, "__notes__", ()))
             cause = exc.__cause__
-            detail = f"{exc.message} ({type(cause).__name__}: {cause})" if cause else None
+            if cause is not None:
+                notes.append(f"{type(cause).__name__}: {cause}")
+            detail = f"{exc.message} ({'; '.join(notes)})" if notes else None
             self.end(job, "failed", exc, detail=detail)
             return
         log.error("job %d failed", job.id, exc_info=exc)
@@ -190,7 +195,9 @@ class Delivery:
         self._jobs.pop(job.id, None)
         if event is None:
             assert error is not None
-            event = Failed(error)
+            # The event outlives the job (fronts keep it while replying): it must not keep the
+            # frames of the failure, and with them the failed run's tensors, alive.
+            event = Failed(without_frames(error, unchain=True))
         if error is not None:
             reason = reason or error.reason
             detail = detail or error.message

@@ -6,9 +6,10 @@ Threads:
   it tells waiting jobs their expected place, planning as the workers will.
 - A worker's thread, the moment it is free, plans its own next batch from the fair queue (the
   fair pick, or a job for a model that worker has loaded, plus compatible jobs up to max_batch
-  images) and takes it, without waiting for the loop. Planning at take time rather than ahead
-  is what keeps several workers fair: whichever frees first gets the fair pick. Its reports go
-  to the loop with `call_soon_threadsafe`, and on to `Delivery` there.
+  images, or fewer when its engine's free memory says so) and takes it, without waiting for
+  the loop. Planning at take time rather than ahead is what keeps several workers fair:
+  whichever frees first gets the fair pick. Its reports go to the loop with
+  `call_soon_threadsafe`, and on to `Delivery` there.
 A threading lock guards the shared state because both sides touch it; it is held for
 microseconds (planning is plain data) and never across an engine call, a database write or an
 encoding.
@@ -69,11 +70,13 @@ class Dispatcher:
         *,
         preview_every: int,
         progress_interval_s: float,
+        preview_interval_s: float = 1.0,
     ) -> None:
         self.queue = queue
         self.delivery = delivery
         self.preview_every = max(0, preview_every)
         self.progress_interval_s = progress_interval_s
+        self.preview_interval_s = max(0.0, preview_interval_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Shared with the workers' threads; every access holds _cond (its lock).
         self._cond = threading.Condition(threading.Lock())
@@ -222,7 +225,13 @@ class Dispatcher:
         planned: list[LocalJob] = []
         for slot in sorted(self._slots, key=lambda slot: slot.busy_since is not None):
             rest = [job for job in fair if job not in planned] if planned else fair
-            batch = self.queue.plan(rest, loaded=slot.loaded, aliases=self._aliases, now=now)
+            batch = self.queue.plan(
+                rest,
+                loaded=slot.loaded,
+                aliases=self._aliases,
+                now=now,
+                limit=slot.worker.batch_limit,
+            )
             if batch is None:
                 break
             planned += batch.jobs
@@ -313,7 +322,11 @@ class Dispatcher:
         """Plan `slot`'s batch from the whole queue, as late as possible, and start it. True
         when its model is not loaded on that worker yet."""
         batch = self.queue.plan(
-            self.queue.order(), loaded=slot.loaded, aliases=self._aliases, now=time.monotonic()
+            self.queue.order(),
+            loaded=slot.loaded,
+            aliases=self._aliases,
+            now=time.monotonic(),
+            limit=slot.worker.batch_limit,
         )
         assert batch is not None  # the queue is not empty
         self.queue.take(batch)

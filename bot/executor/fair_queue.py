@@ -7,7 +7,8 @@ job already running.
 
 A batch is planned from that order for one worker: the fair pick leads, unless a job for a
 model the worker has loaded may jump ahead (switching models costs seconds), and compatible
-jobs (equal `request.batch_key()`) join it up to `max_batch` images. Whoever owns the queue
+jobs (equal `request.batch_key()`) join it up to `max_batch` images, or fewer when the
+worker's engine says fewer fit in its free memory. Whoever owns the queue
 serialises access to it; the executor holds its lock around every call.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -141,12 +142,15 @@ class FairQueue(Generic[J]):
         loaded: Collection[str] = (),
         aliases: Mapping[str, str] | None = None,
         now: float,
+        limit: Callable[[GenerationRequest], int | None] | None = None,
     ) -> Batch[J] | None:
         """The next batch from `order` (the fair order, less jobs planned elsewhere) for a
         worker with `loaded` models; None if `order` is empty.
 
         `aliases` maps a request's model spelling to the name `loaded` lists it under (a source
-        and a catalog name may be the same model). Nothing changes until take().
+        and a catalog name may be the same model). `limit`: the images like a request's that
+        fit in one call on that worker (its free memory; None: no limit below max_batch).
+        Nothing changes until take().
         """
         if not order:
             return None
@@ -168,11 +172,15 @@ class FairQueue(Generic[J]):
             if preferred is not None:
                 lead, override = preferred, True
         key = lead.request.batch_key()
+        most = self.max_batch
+        fits = limit(lead.request) if limit is not None else None
+        if fits is not None:
+            most = max(1, min(most, fits))
         jobs, images = [lead], lead.request.count
         for job in order:
-            if images >= self.max_batch:
+            if images >= most:
                 break
-            if job is lead or images + job.request.count > self.max_batch:
+            if job is lead or images + job.request.count > most:
                 continue
             if job.request.batch_key() == key:
                 jobs.append(job)

@@ -39,6 +39,9 @@ E = TypeVar("E", bound=GenerationEngine)
 
 #: A job's progress events closer together than this are dropped (the last step always goes).
 PROGRESS_INTERVAL_S = 0.2
+#: A job's previews are at least this far apart: Discord's message is edited at most once a
+#: second (bot/discord_front/follower.py), so a preview made sooner would never be seen.
+PREVIEW_INTERVAL_S = 1.0
 
 
 class GpuExecutor(ImageBackend, Generic[E]):
@@ -62,12 +65,14 @@ class GpuExecutor(ImageBackend, Generic[E]):
         max_model_streak: int = 4,
         max_model_wait_s: float = 30.0,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
+        preview_interval_s: float = PREVIEW_INTERVAL_S,
         shutdown_timeout_s: float = 10.0,
     ) -> None:
         """
         engine / workers: one engine (one worker is made for it), or the workers themselves.
         max_batch: images (sum of counts) per engine call.
         preview_every: steps between preview images; 0 = no previews.
+        preview_interval_s: seconds between a job's preview images (with preview_every: both).
         max_model_streak / max_model_wait_s: a job for an already-loaded model may jump ahead
             of the fair pick (saving a model switch) at most this many times in a row, and
             never once the fair pick has waited this long.
@@ -93,6 +98,7 @@ class GpuExecutor(ImageBackend, Generic[E]):
             self._delivery,
             preview_every=preview_every,
             progress_interval_s=progress_interval_s,
+            preview_interval_s=preview_interval_s,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reserved_total = 0  # admissions in flight (awaiting the DB insert)

@@ -25,13 +25,19 @@ import concurrent.futures
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeAlias, TypeVar
 
 from bot.backend import GenerationEngine, ResultLike, StepInfoLike
-from bot.errors import GenerationFailed, GpuOutOfMemory, JobCancelled, ModelLoadError
+from bot.errors import (
+    GenerationFailed,
+    GpuOutOfMemory,
+    JobCancelled,
+    ModelLoadError,
+    without_frames,
+)
 from bot.executor.fair_queue import Batch
 from bot.executor.local_job import LocalJob, Outcome
 from bot.jobs import GenerationRequest
@@ -60,6 +66,13 @@ class WorkerHost(Protocol):
     @property
     def preview_every(self) -> int:
         """Steps between preview images; 0 = no previews."""
+        ...
+
+    @property
+    def preview_interval_s(self) -> float:
+        """Seconds between a job's preview images (a preview costs a decode and a PNG, and
+        Discord shows at most one edit a second): previews wait for both this and
+        `preview_every` steps."""
         ...
 
     @property
@@ -109,6 +122,19 @@ class Worker(Generic[E]):
         """Models the engine keeps loaded at once."""
         return max(1, int(getattr(self.engine, "max_loaded", 1)))
 
+    def batch_limit(self, request: GenerationRequest) -> int | None:
+        """Images like `request`'s that the engine says fit in one call, by its free memory
+        (an optional `batch_limit(request)` of the engine; None when it does not say).
+        Called while planning, from any thread: the engine answers from cached figures."""
+        limit = getattr(self.engine, "batch_limit", None)
+        if limit is None:
+            return None
+        try:
+            return max(1, int(limit(request)))
+        except Exception:
+            log.warning("the engine's batch_limit failed; using max_batch", exc_info=True)
+            return None
+
     def loaded_models(self) -> list[str]:
         """The engine's loaded models, least recently used first; [] if it cannot say."""
         try:
@@ -139,7 +165,8 @@ class Worker(Generic[E]):
             if work is None:
                 return
             if isinstance(work, Batch):
-                host.finished(self, work, _BatchRun(self.engine, host, work.jobs).run())
+                run = _BatchRun(self.engine, host, work.jobs, self.batch_limit)
+                host.finished(self, work, run.run())
             else:
                 fn, future = work
                 if not future.set_running_or_notify_cancel():
@@ -169,24 +196,36 @@ class _Part:
 
 @dataclass
 class _Throttle:
+    """When a job's last progress report and last preview went out (monotonic seconds)."""
+
     last_sent: float = -math.inf
     last_preview_step: int = 0
+    last_preview_at: float = -math.inf
 
 
 class _BatchRun:
     """One batch on the worker's thread: engine calls, splits and retries, and each job's
     outcome; tells the host about cancels at once, and about the rest when it is over."""
 
-    def __init__(self, engine: GenerationEngine, host: WorkerHost, jobs: list[LocalJob]) -> None:
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        host: WorkerHost,
+        jobs: list[LocalJob],
+        limit: Callable[[GenerationRequest], int | None],
+    ) -> None:
         self.engine = engine
         self.host = host
         self.jobs = jobs
+        self.limit = limit
         self.outcomes: dict[int, Outcome] = {job.id: Outcome() for job in jobs}
         self.throttles: dict[int, _Throttle] = {}
 
     def run(self) -> dict[int, Outcome]:
         try:
-            self._run_parts([_Part(job, job.request, 0) for job in self.jobs])
+            limit = self.limit(self.jobs[0].request) if self.jobs else None
+            for call in _calls([_Part(job, job.request, 0) for job in self.jobs], limit):
+                self._run_parts(call)
         except Exception as exc:  # a bug here must not kill the worker's thread
             log.exception("executor error while running a batch")
             for job in self.jobs:
@@ -216,7 +255,10 @@ class _BatchRun:
     # -- engine calls -----------------------------------------------------------------------
 
     def _run_parts(self, parts: list[_Part]) -> None:
-        """One engine call for `parts`; on OOM split in halves; on an error find the culprit."""
+        """One engine call for `parts`; on OOM split in halves; on an error find the culprit.
+
+        Retries run once the engine's error is handled and its frames cleared (`_call`): in
+        the `except` block the failed call's tensors would still be alive."""
         live: list[_Part] = []
         for part in parts:
             if self._stopped(part.job):
@@ -225,16 +267,12 @@ class _BatchRun:
                 live.append(part)
         if not live:
             return
-        try:
-            results = self.engine.generate(
-                [part.request for part in live], on_step=self._step_callback(live)
-            )
-        except JobCancelled:
+        results = self._call(live)
+        if isinstance(results, JobCancelled):
             # on_step raises only once every job in the call is cancelled (or on shutdown).
             for part in live:
                 self._cancelled(part.job)
-            return
-        except GpuOutOfMemory as exc:
+        elif isinstance(results, GpuOutOfMemory):
             # The engine has freed what it could; smaller calls may fit.
             if len(live) > 1:
                 half = len(live) // 2
@@ -242,7 +280,7 @@ class _BatchRun:
                 self._run_parts(live[:half])
                 self._run_parts(live[half:])
             elif live[0].request.count > 1:
-                for half_part in _split_images(live[0]):
+                for half_part in _split_images(live[0], live[0].request.count // 2):
                     self._run_parts([half_part])
             else:
                 req = live[0].request
@@ -250,10 +288,11 @@ class _BatchRun:
                     f"The GPU ran out of memory for this {req.width}×{req.height} image even "
                     "when it ran on its own. Try a smaller size."
                 )
-                oom.__cause__ = exc
+                for note in getattr(results, "__notes__", ()):
+                    oom.add_note(note)
                 self._fail(live[0].job, oom)
-            return
-        except Exception as exc:
+        elif isinstance(results, Exception):
+            exc = results
             if len(live) > 1 and not isinstance(exc, ModelLoadError) and not self.host.closing:
                 # One bad request must not fail its batch-mates: rerun each alone.
                 log.warning("a batch of %d failed (%s); retrying one by one", len(live), exc)
@@ -262,14 +301,22 @@ class _BatchRun:
                 return
             for part in live:
                 self._fail(part.job, exc)
-            return
-        if len(results) != len(live):
+        elif len(results) != len(live):
             wrong = GenerationFailed("The engine returned the wrong number of results.")
             for part in live:
                 self._fail(part.job, wrong)
-            return
-        for part, result in zip(live, results, strict=True):
-            self._ok(part, result)
+        else:
+            for part, result in zip(live, results, strict=True):
+                self._ok(part, result)
+
+    def _call(self, live: list[_Part]) -> Sequence[ResultLike] | Exception:
+        """The engine's results for `live`, or what it raised with its frames cleared."""
+        try:
+            return self.engine.generate(
+                [part.request for part in live], on_step=self._step_callback(live)
+            )
+        except Exception as exc:
+            return without_frames(exc)
 
     def _ok(self, part: _Part, result: ResultLike) -> None:
         if not self._dead(part.job):
@@ -305,8 +352,10 @@ class _BatchRun:
             every
             and not last  # the finished image follows at once; no point previewing it
             and info.step - throttle.last_preview_step >= every
+            and now - throttle.last_preview_at >= self.host.preview_interval_s
         ):
             throttle.last_preview_step = info.step
+            throttle.last_preview_at = now
             try:
                 preview = info.preview(index)
             except Exception:
@@ -314,12 +363,29 @@ class _BatchRun:
         self.host.progress(job, info.step, info.total, preview)
 
 
-def _split_images(part: _Part) -> list[_Part]:
-    """One multi-image job as two smaller ones; image i keeps its seed, so nothing changes."""
+def _split_images(part: _Part, at: int) -> list[_Part]:
+    """One multi-image job as two smaller ones, the first of `at` images; image i keeps its
+    seed, so nothing changes."""
     req = part.request
-    half = req.count // 2
     seeds = req.seeds
     return [
-        _Part(part.job, replace(req, count=half), part.offset),
-        _Part(part.job, replace(req, seed=seeds[half], count=req.count - half), part.offset + half),
+        _Part(part.job, replace(req, count=at), part.offset),
+        _Part(part.job, replace(req, seed=seeds[at], count=req.count - at), part.offset + at),
     ]
+
+
+def _calls(parts: list[_Part], limit: int | None) -> list[list[_Part]]:
+    """`parts` as engine calls of at most `limit` images each: the planner keeps a batch
+    within the limit, but one job alone may ask for more images than fit."""
+    if limit is None or sum(p.request.count for p in parts) <= limit:
+        return [parts]
+    calls: list[list[_Part]] = []
+    for part in parts:
+        while part.request.count > limit:
+            head, part = _split_images(part, limit)
+            calls.append([head])
+        if calls and sum(p.request.count for p in calls[-1]) + part.request.count <= limit:
+            calls[-1].append(part)
+        else:
+            calls.append([part])
+    return calls

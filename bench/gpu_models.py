@@ -1,0 +1,208 @@
+"""Random-weight SD 1.5 and SDXL models for `sdbot bench gpu`, from configs written here.
+
+No download: the configs are those of the published checkpoints (runwayml SD 1.5, SDXL base
+1.0), the weights random, the tokenizer the tiny model's (the text encoder's cost does not
+depend on its vocabulary). Speed and memory depend on shapes, not on weight values, so the
+figures are those of the real models. Each model is built on the benchmark's device (random
+init on a GPU takes a second; on a CPU, minutes for SDXL), saved as a diffusers folder in half
+precision and then loaded through the bot's Engine like any local model.
+
+Scales: "full" (the real shapes), "quick" (reduced shapes a CPU runs in seconds) and "tiny"
+(the smallest that still has every part, for tests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bot.tiny_model import MAX_TOKENS, build_tokenizer
+
+#: Per scale: (UNet channels per block, layers per block, attention head dim, text width,
+#: text layers, VAE channels per block, native size in pixels).
+_SD15: dict[str, tuple[tuple[int, ...], int, int, int, int, tuple[int, ...], int]] = {
+    "full": ((320, 640, 1280, 1280), 2, 8, 768, 12, (128, 256, 512, 512), 512),
+    "quick": ((32, 64, 64, 64), 1, 8, 64, 2, (16, 16, 32, 32), 128),
+    "tiny": ((32, 32, 32, 32), 1, 8, 32, 1, (8, 8, 16, 16), 64),
+}
+_SDXL: dict[str, dict[str, Any]] = {
+    "full": {
+        "blocks": (320, 640, 1280),
+        "transformer_layers": (1, 2, 10),
+        "heads": (5, 10, 20),
+        "text": (768, 12, 1280, 32),  # CLIP-L, then OpenCLIP bigG: width, layers
+        "time_dim": 256,
+        "vae": (128, 256, 512, 512),
+        "size": 1024,
+    },
+    "quick": {
+        "blocks": (32, 64, 64),
+        "transformer_layers": (1, 1, 1),
+        "heads": (2, 4, 4),
+        "text": (32, 1, 32, 1),
+        "time_dim": 8,
+        "vae": (16, 16, 32, 32),
+        "size": 128,
+    },
+}
+_SDXL["tiny"] = {**_SDXL["quick"], "vae": (8, 8, 16, 16), "size": 64}
+
+
+def native_size(family: str, scale: str) -> int:
+    """The size (pixels, square) the model of `family` at `scale` is made for."""
+    return _SD15[scale][6] if family == "sd15" else int(_SDXL[scale]["size"])
+
+
+def _text_config(tokenizer: Any, width: int, layers: int, **extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 64),
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _vae(blocks: tuple[int, ...], *, scaling: float, layers: int, force_upcast: bool) -> Any:
+    import diffusers
+
+    d: Any = diffusers  # its constructors are unannotated
+    return d.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=blocks,
+        layers_per_block=layers,
+        latent_channels=4,
+        norm_num_groups=min(32, blocks[0]),
+        sample_size=512,
+        scaling_factor=scaling,
+        force_upcast=force_upcast,
+    )
+
+
+def _scheduler() -> Any:
+    import diffusers
+
+    d: Any = diffusers
+    # SD's training noise schedule; Euler runs exactly `steps` UNet calls.
+    return d.EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
+def build_sd15(scale: str) -> Any:
+    """An SD 1.5-shaped StableDiffusionPipeline with random weights, on the current device."""
+    import diffusers
+    from transformers import CLIPTextModel
+
+    d: Any = diffusers
+    blocks, layers, head_dim, text_width, text_layers, vae_blocks, size = _SD15[scale]
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    unet = d.UNet2DConditionModel(
+        sample_size=size // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=blocks,
+        layers_per_block=layers,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(blocks) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(blocks) - 1),
+        cross_attention_dim=text_width,
+        attention_head_dim=head_dim,
+        norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer, text_width, text_layers))
+    vae_layers = 2 if scale == "full" else 1
+    vae = _vae(vae_blocks, scaling=0.18215, layers=vae_layers, force_upcast=False)
+    return d.StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_sdxl(scale: str) -> Any:
+    """An SDXL-base-shaped StableDiffusionXLPipeline with random weights."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    d: Any = diffusers
+    shape = _SDXL[scale]
+    width_1, layers_1, width_2, layers_2 = shape["text"]
+    time_dim = int(shape["time_dim"])
+    blocks = shape["blocks"]
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    unet = d.UNet2DConditionModel(
+        sample_size=int(shape["size"]) // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=blocks,
+        layers_per_block=2 if scale == "full" else 1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(blocks) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(blocks) - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=shape["transformer_layers"],
+        attention_head_dim=shape["heads"],
+        cross_attention_dim=width_1 + width_2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + width_2,
+        norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer, width_1, layers_1))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer, width_2, layers_2, hidden_act="gelu")
+    )
+    vae_layers = 2 if scale == "full" else 1
+    vae = _vae(shape["vae"], scaling=0.13025, layers=vae_layers, force_upcast=True)
+    return d.StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def write_model(family: str, scale: str, folder: Path, *, device: torch.device) -> Path:
+    """Build the `family` ("sd15" or "sdxl") model at `scale` on `device`; save it at `folder`."""
+    build = build_sd15 if family == "sd15" else build_sdxl
+    # Random init where the model will run: seconds on a GPU for what takes minutes on a CPU.
+    with torch.device(device):
+        pipe = build(scale)
+    if device.type == "cuda":
+        # Half precision on disk (as fp16 variants ship): half the bytes to write and read.
+        pipe.to(torch.float16)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return folder

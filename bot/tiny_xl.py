@@ -1,0 +1,113 @@
+"""A tiny random-weight SDXL model (`builtin:tiny-xl`), built offline.
+
+The SDXL counterpart of `bot.tiny_model`: the same kind of parts a real SDXL repo has (two
+CLIP text encoders, the second with a projection whose pooled output conditions the UNet
+together with the size "time ids", and a UNet with `addition_embed_type="text_time"`), saved
+with save_pretrained and loaded with from_pretrained like any SDXL folder, so tests exercise
+diffusers' SDXL pipelines for real. Images are noise-like; a 64 px image takes a fraction of a
+second on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bot.tiny_model import MAX_TOKENS, TINY_MODEL_SEED, build_tokenizer, build_vae, ensure_built
+
+#: Folder name under the cache dir; bump the suffix whenever the architecture or seed changes.
+TINY_XL_DIRNAME = "tiny-sdxl-v1"
+
+#: Each text encoder's width; the UNet's cross-attention takes both side by side.
+_TEXT_DIM = 32
+#: Pooled text embeddings of the second encoder (SDXL: 1280).
+_POOLED_DIM = 32
+#: Width of each of the six size/crop "time ids" (SDXL: 256).
+_TIME_ID_DIM = 8
+
+
+def _text_config(tokenizer: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_TEXT_DIM,
+        intermediate_size=64,
+        # SDXL reads the penultimate hidden state; three layers keep it a transformed one.
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=_POOLED_DIM,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_xl() -> Any:
+    """The tiny SDXL pipeline (StableDiffusionXLPipeline), seeded so builds are identical."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    d: Any = diffusers  # its constructors are unannotated, which strict mypy rejects
+    tokenizer = build_tokenizer()
+    # Seed before each module so one module's size never shifts another's weights.
+    torch.manual_seed(TINY_MODEL_SEED)
+    unet = d.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * _TEXT_DIM,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TIME_ID_DIM,
+        # Six time ids (original size, crop corner, target size) plus the pooled text.
+        projection_class_embeddings_input_dim=6 * _TIME_ID_DIM + _POOLED_DIM,
+        norm_num_groups=32,
+    )
+    # SDXL's VAE scaling, and its flag that fp16 decoding needs an upcast.
+    vae = build_vae(scaling_factor=0.13025, force_upcast=True)
+    torch.manual_seed(TINY_MODEL_SEED)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    torch.manual_seed(TINY_MODEL_SEED + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer))
+    # SDXL base's noise schedule (the SD 1.x one, Euler, leading spacing).
+    scheduler = d.EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return d.StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def write_tiny_xl(path: Path) -> Path:
+    """Build the tiny SDXL pipeline and save it as a diffusers folder (safetensors) at `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_tiny_xl().save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def ensure_tiny_xl(cache_dir: Path) -> Path:
+    """Return `cache_dir / TINY_XL_DIRNAME`, built once."""
+    return ensure_built(cache_dir, TINY_XL_DIRNAME, write_tiny_xl)
