@@ -4,6 +4,7 @@
     python -m bench.load_bench --jobs 60 --users 12 --duration 5
     python -m bench.load_bench --blame          # also: where the bot's loop spent its time
     python -m bench.load_bench --engine standin # a GPU stand-in: the bot's own lag on a CPU box
+    python -m bench.load_bench --api-share 0.5  # half the members call the A1111 API instead
 
 The local server and the members it plays run in a process of their own (as Discord and its
 users are elsewhere), so the lag measured is the bot's own: how long its gateway heartbeats,
@@ -11,7 +12,9 @@ other commands and progress edits wait on its event loop.
 
 Prints a table and exits non-zero unless: every interaction was acknowledged within Discord's
 3 s, every one got a reply (its result, a refusal or a failure notice), every request has a
-job row and every accepted job ended in a final state, and the loop lag p99 is under 10 ms.
+job row and every accepted job ended in a final state, and the loop lag p99 is under 10 ms;
+with an API share, also unless every API request was answered, none with a server error, and
+each has its job row.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 
-from bench.harness import running_bot
+from bench.api_load import ApiCalls, ApiFigures, call_txt2img, make_keys
+from bench.harness import free_port, running_bot
+from bench.load_report import CPU_LIMIT_MS, LAG_P99_LIMIT_MS, LoadReport
 from bench.loop_watch import LoopWatch, quantile
 from bench.standin_engine import StandInEngine
 from bot.localdiscord.client import ControlClient
@@ -45,107 +50,12 @@ if TYPE_CHECKING:
 
 #: Discord drops an interaction not acknowledged within this window.
 ACK_WINDOW_S = 3.0
-LAG_P99_LIMIT_MS = 10.0
-#: No callback on the bot's loop may compute this long: that is heavy work, whatever the load.
-CPU_LIMIT_MS = 50.0
 #: Final states of a job the executor accepted (a refused request ends as `rejected`).
 FINAL = ("finished", "failed", "cancelled", "interrupted")
 #: The job row a reply should match: a result, a refusal or a failure notice.
 MATCHING_ROW = {"result": "finished", "refusal": "rejected", "failure": "failed"}
 #: After the last job ends, how long replies may still be on their way.
 REPLY_GRACE_S = 15.0
-
-
-@dataclass
-class LoadReport:
-    requests: int
-    sent: int
-    statuses: dict[str, int]
-    refusal_reasons: dict[str, int]
-    unexplained_refusals: int
-    lost: int
-    rows: int
-    not_final: int
-    acked: int
-    ack_p50_ms: float
-    ack_p99_ms: float
-    ack_max_ms: float
-    replies: dict[str, int]
-    mismatched: int
-    lag_p50_ms: float
-    lag_p99_ms: float
-    lag_max_ms: float
-    lag_samples: int
-    #: The lag p99 less the loop thread's waits for a core (None where unmeasured).
-    lag_in_process_p99_ms: float | None
-    #: The loop callback that computed longest (CPU, less GC), and how long.
-    heaviest_ms: float
-    heaviest: str
-    gc_max_ms: float
-    seconds: float
-    lag_limit_ms: float | None = LAG_P99_LIMIT_MS
-    cpu_limit_ms: float | None = CPU_LIMIT_MS
-    errors: list[str] = field(default_factory=list)
-
-    def problems(self) -> list[str]:
-        """What failed the run; empty when it passed."""
-        out = [f"{self.requests - self.sent} requests could not be sent"] if self.errors else []
-        if self.acked < self.sent:
-            out.append(f"{self.sent - self.acked} interactions not acknowledged within 3 s")
-        if self.replies.get("none", 0):
-            out.append(f"{self.replies['none']} interactions got no reply")
-        if self.mismatched:
-            out.append(f"{self.mismatched} replies do not match their job row")
-        if self.lost or self.rows != self.sent:
-            out.append(f"{self.lost} requests lost (no job row); {self.rows} rows")
-        if self.not_final:
-            out.append(f"{self.not_final} accepted jobs not in a final state")
-        if self.unexplained_refusals:
-            out.append(f"{self.unexplained_refusals} refusals without a reason")
-        if self.lag_limit_ms is not None and self.lag_p99_ms >= self.lag_limit_ms:
-            out.append(f"event-loop lag p99 {self.lag_p99_ms:.1f} ms >= {self.lag_limit_ms:g} ms")
-        if self.cpu_limit_ms is not None and self.heaviest_ms >= self.cpu_limit_ms:
-            out.append(f"a loop callback computed {self.heaviest_ms:.0f} ms: {self.heaviest}")
-        return out
-
-    def table(self) -> str:
-        s = self.statuses
-        others = {k: v for k, v in s.items() if k not in ("finished", "rejected", "failed")}
-        rows = [
-            ("requests sent", f"{self.sent} of {self.requests}"),
-            ("acknowledged within 3 s", f"{self.acked} of {self.sent}"),
-            ("time to acknowledge p50 / p99 / max", _ms(self.ack_p50_ms, self.ack_p99_ms,
-                                                         self.ack_max_ms)),
-            ("replies", _counts(self.replies, ("result", "refusal", "failure", "none"))),
-            ("replies not matching the job row", str(self.mismatched)),
-            ("job rows", f"{self.rows}  (lost: {self.lost})"),
-            ("finished", str(s.get("finished", 0))),
-            ("refused", f"{s.get('rejected', 0)}  {dict(self.refusal_reasons)}"),
-            ("failed", str(s.get("failed", 0))),
-            ("other final states", str(others or 0)),
-            ("accepted jobs not final", str(self.not_final)),
-            ("refusals without a reason", str(self.unexplained_refusals)),
-            ("bot event-loop lag p50 / p99 / max", _ms(self.lag_p50_ms, self.lag_p99_ms,
-                                                        self.lag_max_ms)
-             + f"  ({self.lag_samples} samples)"),
-            ("  less waits for a free core: p99", _opt_ms(self.lag_in_process_p99_ms)),
-            ("heaviest loop callback (CPU less GC)", f"{self.heaviest_ms:.1f} ms  {self.heaviest}"),
-            ("longest GC pause (any thread)", f"{self.gc_max_ms:.1f} ms"),
-            ("wall time", f"{self.seconds:.1f} s"),
-        ]  # fmt: skip
-        return "\n".join(f"{name:<38}{value}" for name, value in rows)
-
-
-def _ms(*values: float) -> str:
-    return " / ".join(f"{v:.1f}" for v in values) + " ms"
-
-
-def _opt_ms(value: float | None) -> str:
-    return "not measured (needs Linux schedstat)" if value is None else f"{value:.1f} ms"
-
-
-def _counts(counts: dict[str, int], keys: Sequence[str]) -> str:
-    return ", ".join(f"{k} {counts.get(k, 0)}" for k in keys)
 
 
 def reply_kind(summary: dict[str, Any]) -> str:
@@ -168,26 +78,47 @@ class Members:
 
     ids: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    api: ApiCalls = field(default_factory=ApiCalls)
+    api_requests: int = 0
+
+
+async def add_members(server: LocalDiscord, users: int) -> list[int]:
+    """`users` members in the server (run in the server's process)."""
+    return [server.world.add_user(f"user{i}").id for i in range(users)]
 
 
 async def play_members(
-    server: LocalDiscord, *, jobs: int, users: int, duration: float, seed: int
+    server: LocalDiscord,
+    *,
+    jobs: int,
+    user_ids: Sequence[int],
+    duration: float,
+    seed: int,
+    api_keys: dict[int, str] | None = None,
+    api_url: str = "",
 ) -> Members:
-    """`jobs` /imagine requests from `users` members, arriving at random over `duration` s
-    (run in the server's process, on its loop)."""
+    """`jobs` requests from the members `user_ids`, arriving at random over `duration` s (run
+    in the server's process, on its loop): /imagine, or for the members with a key in
+    `api_keys` (by index), txt2img through the HTTP API at `api_url`."""
     rng = random.Random(seed)
     out = Members()
+    keys = api_keys or {}
+    users = len(user_ids)
     async with aiohttp.ClientSession() as session:
         c = ControlClient(server.base_url, session, token=server.control_token)
-        user_ids = [await c.add_user(f"user{i}") for i in range(users)]
         delays = [rng.uniform(0, duration) for _ in range(jobs)]
 
         async def one(i: int) -> None:
             await asyncio.sleep(delays[i])
+            key = keys.get(i % users)
+            if key is not None:
+                await call_txt2img(session, api_url, key, i, out.api)
+                return
             options = {"prompt": f"load test {i}", "steps": 2, "seed": i}
             sent = await c.slash("imagine", options, user_id=user_ids[i % users])
             out.ids.append(int(sent["interaction"]["id"]))
 
+        out.api_requests = sum(1 for i in range(jobs) if i % users in keys)
         results = await asyncio.gather(*(one(i) for i in range(jobs)), return_exceptions=True)
     out.errors = [repr(r) for r in results if isinstance(r, BaseException)]
     return out
@@ -225,10 +156,15 @@ async def run_load(
     device: str = "cpu",
     watch: LoopWatch | None = None,
     engine: Engine | StandInEngine | None = None,
+    api_share: float = 0.0,
     **setting_overrides: Any,
 ) -> LoadReport:
     """Run the load against a fresh bot, watching its loop with `watch` (or a new one);
-    `setting_overrides` are bot settings (e.g. `user_queue_limit=2`)."""
+    `setting_overrides` are bot settings (e.g. `user_queue_limit=2`). With `api_share`, that
+    share of the members calls the HTTP API instead of Discord."""
+    api_users = round(users * api_share)
+    if api_users:
+        setting_overrides.setdefault("api_bind", f"127.0.0.1:{free_port()}")
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / "load.db"
         settings = load_settings(
@@ -244,12 +180,21 @@ async def run_load(
             server = h.process
             assert server is not None
             await _warm_up(h.control)
+            user_ids = await server.call(add_members, users)
+            world = await h.control.world()
+            api_keys = await make_keys(
+                h.bot.services.db,
+                guild_id=int(world["guild_id"]),
+                channel_id=int(world["channels"][0]["id"]),
+                user_ids={i: user_ids[i] for i in range(api_users)},
+            )
             watch = watch or LoopWatch()
             started = time.perf_counter()
             async with watch:
                 members = await server.call(
-                    play_members, jobs=jobs, users=users, duration=duration, seed=seed
-                )
+                    play_members, jobs=jobs, user_ids=user_ids, duration=duration, seed=seed,
+                    api_keys=api_keys, api_url=f"http://{settings.api_bind}",
+                )  # fmt: skip
                 ids = members.ids
                 await server.call(settle, ids, db_path, timeout)
                 final = await server.call(summaries, ids)
@@ -257,6 +202,9 @@ async def run_load(
         with sqlite3.connect(db_path) as conn:
             rows: list[Any] = conn.execute(
                 "SELECT interaction_id, status, reason FROM jobs"
+            ).fetchall()
+            api_rows: list[Any] = conn.execute(
+                "SELECT status FROM jobs WHERE command LIKE 'api:%'"
             ).fetchall()
     status_of = {r[0]: r[1] for r in rows}
     sent_ids = set(ids)
@@ -266,7 +214,7 @@ async def run_load(
     kinds = {int(s["id"]): reply_kind(s) for s in final}
     lag = watch.lag_ms
     return LoadReport(
-        requests=jobs,
+        requests=jobs - members.api_requests,
         sent=len(ids),
         statuses=dict(statuses),
         refusal_reasons=dict(Counter(r[2] for r in measured if r[1] == "rejected")),
@@ -296,6 +244,7 @@ async def run_load(
         lag_limit_ms=lag_limit_ms,
         cpu_limit_ms=cpu_limit_ms,
         errors=members.errors,
+        api=ApiFigures.of(members.api_requests, members.api, api_rows) if api_users else None,
     )
 
 
@@ -341,6 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "GPU would leave to the event loop)",
     )
     parser.add_argument(
+        "--api-share",
+        type=float,
+        default=0.0,
+        help="share of the members (0 to 1) who call the A1111-compatible HTTP API instead",
+    )
+    parser.add_argument(
         "--blame",
         action="store_true",
         help="also sample where slow loop callbacks were (perturbs the lag a little)",
@@ -366,11 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             watch=watch,
             engine=engine,
+            api_share=args.api_share,
         )
     )
+    via = f", {args.api_share:.0%} of the users through the HTTP API" if args.api_share else ""
     print(
-        f"load test: {args.jobs} /imagine requests from {args.users} users over "
-        f"{args.duration:g} s ({what}, {os.cpu_count()} cores)"
+        f"load test: {args.jobs} requests from {args.users} users over "
+        f"{args.duration:g} s{via} ({what}, {os.cpu_count()} cores)"
     )
     print(report.table())
     if args.blame:

@@ -86,6 +86,7 @@ SPECS: dict[str, Spec] = {
         str, "spoiler", "What to do with NSFW-flagged images", choices=NSFW_POLICIES
     ),
     "nsfw_channels_allow": Spec(bool, True, "NSFW-marked channels lift the NSFW policy"),
+    "api_enabled": Spec(bool, True, "Members' /apikey keys work here (the bot's HTTP API)"),
 }
 
 #: Settings the bot's owner bounds, and where the owner sets the bound.
@@ -105,6 +106,26 @@ class GuildConfig:
             return self.values[key]
         except KeyError:
             raise AttributeError(key) from None
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request uses for options the member left empty."""
+
+    model: str
+    steps: int = 20
+    guidance: float = 7.0
+    scheduler: str = "default"
+
+
+def defaults_of(config: GuildConfig, default_model: str) -> Defaults:
+    """A server's defaults for a request (every front's): its own model, else the owner's."""
+    return Defaults(
+        model=config.default_model or default_model,
+        steps=config.default_steps,
+        guidance=config.default_guidance,
+        scheduler=config.default_scheduler,
+    )
 
 
 class GuildConfigs:

@@ -29,6 +29,7 @@ from bot.catalog import (
 from bot.errors import InvalidRequest, SettingsError
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_API_BIND_RE = re.compile(r"^\s*(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})\s*$")
 
 
 class Settings(BaseSettings):
@@ -113,6 +114,17 @@ class Settings(BaseSettings):
                 "(plain http is allowed only to this machine: 127.0.0.1, ::1, localhost)"
             )
         return self
+
+    @field_validator("api_bind", mode="before")
+    @classmethod
+    def _check_api_bind(cls, value: object) -> object:
+        # host:port, the host a name, IPv4 or [IPv6]; port 0 picks a free one (tests).
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        match = _API_BIND_RE.match(value) if isinstance(value, str) else None
+        if not isinstance(value, str) or match is None or int(match.group(2)) > 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:7860 or [::1]:7860")
+        return value.strip()
 
     @field_validator("device")
     @classmethod

@@ -16,9 +16,8 @@ import pytest
 from PIL import Image
 
 from bench.harness import Harness
-from bot import blocklist
+from bot import blocklist, rules
 from bot.charts import COLORS
-from bot.discord_front import policy
 from bot.localdiscord.client import ControlClient, ControlError
 
 
@@ -150,17 +149,17 @@ async def test_daily_quota_resets_at_midnight_utc(
 ) -> None:
     c = harness.control
     today = datetime.now(UTC).replace(microsecond=0)
-    monkeypatch.setattr(policy, "utcnow", lambda: today.replace(hour=23, minute=59, second=50))
+    monkeypatch.setattr(rules, "utcnow", lambda: today.replace(hour=23, minute=59, second=50))
     await admin(c, "config set", {"key": "daily_quota", "value": "2"})
     assert not refused(await imagine(c))
     assert not refused(await imagine(c))
     msg = await imagine(c)
     assert refused(msg) and "daily quota of 2" in msg["content"] and "in 10s" in msg["content"]
     tomorrow = (today + timedelta(days=1)).replace(hour=0, minute=0, second=10)
-    monkeypatch.setattr(policy, "utcnow", lambda: tomorrow)
+    monkeypatch.setattr(rules, "utcnow", lambda: tomorrow)
     assert not refused(await imagine(c))
     # A per-member override beats the server's quota.
-    monkeypatch.setattr(policy, "utcnow", lambda: today.replace(hour=23, minute=59, second=50))
+    monkeypatch.setattr(rules, "utcnow", lambda: today.replace(hour=23, minute=59, second=50))
     await admin(c, "config quota", {"user": await c.member_id(), "daily": 10})
     assert not refused(await imagine(c))
 

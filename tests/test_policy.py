@@ -9,6 +9,7 @@ from unittest.mock import AsyncMock
 import discord
 import pytest
 
+from bot import rules
 from bot.db import Database
 from bot.discord_front import policy
 from bot.discord_front.policy import (
@@ -26,7 +27,8 @@ from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
 
 def test_the_blocklist_has_one_matcher() -> None:
     # The old synchronous, deadline-free matcher must not come back beside bot.blocklist's.
-    assert not hasattr(policy, "blocked_match") and not hasattr(policy, "normalize")
+    for module in (policy, rules):
+        assert not hasattr(module, "blocked_match") and not hasattr(module, "normalize")
 
 
 def test_prompt_lengths_are_checked_naming_which_text() -> None:
@@ -62,7 +64,7 @@ async def test_lengths_are_checked_before_the_blocklist_sees_a_text(
     async def must_not_match(texts: Sequence[str], entries: Sequence[str]) -> str | None:
         raise AssertionError("an over-long text reached the blocklist")
 
-    monkeypatch.setattr(policy, "find_blocked", must_not_match)
+    monkeypatch.setattr(rules, "find_blocked", must_not_match)
     svc, interaction = access_fakes(("re:(a|aa)+$",))
     params: dict[str, Any] = {"prompt": "a fox", "negative_prompt": "a" * MAX_PROMPT_CHARS + "!"}
     with pytest.raises(InvalidRequest, match="The negative prompt is 1001 characters"):

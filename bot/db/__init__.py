@@ -2,12 +2,13 @@
 
 `Database` is one connection with the queries of each kind of row mixed in: connection.py
 (opening, migrations, meta, time stamps), jobs.py (job rows, their input pictures, usage,
-model loads) and guilds.py (per-guild settings, lists, bans, quotas, audit). Import from
-here, not from those.
+model loads), guilds.py (per-guild settings, lists, bans, quotas, audit) and api_keys.py (the
+HTTP API's keys). Import from here, not from those.
 """
 
 from __future__ import annotations
 
+from bot.db.api_keys import ApiKey, ApiKeysMixin, hash_key, new_key
 from bot.db.connection import FINAL_STATUSES, MIGRATIONS, STATUSES, parse_stamp, utc_stamp
 from bot.db.guilds import LIST_TABLES, GuildsMixin
 from bot.db.jobs import JobsMixin
@@ -17,11 +18,14 @@ __all__ = [
     "LIST_TABLES",
     "MIGRATIONS",
     "STATUSES",
+    "ApiKey",
     "Database",
+    "hash_key",
+    "new_key",
     "parse_stamp",
     "utc_stamp",
 ]
 
 
-class Database(JobsMixin, GuildsMixin):
+class Database(JobsMixin, GuildsMixin, ApiKeysMixin):
     """The bot's database: open with `await Database.open(path)` (or `async with`)."""

@@ -1,6 +1,6 @@
 """The one SQLite connection: opening it (WAL), the numbered migrations, the meta table, and
-the UTC time stamps every stored row carries. The mixins in jobs.py and guilds.py add the
-queries for what they store on top of this."""
+the UTC time stamps every stored row carries. The mixins in jobs.py, guilds.py and
+api_keys.py add the queries for what they store on top of this."""
 
 from __future__ import annotations
 
@@ -128,6 +128,27 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX job_inputs_url ON job_inputs (url);
     CREATE INDEX job_inputs_sha256 ON job_inputs (sha256);
+    """,
+    # Keys of the HTTP API (bot/http_api): only the SHA-256 of each key is kept; `prefix` (the
+    # key's first characters) tells a member's keys apart in /apikey list. A key acts as its
+    # owner in its server, as if in the channel it was made in; `options` holds what the
+    # client set through /sdapi/v1/options. API jobs are told apart by their command ("api:…").
+    """
+    CREATE TABLE api_keys (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        guild_id   INTEGER NOT NULL,
+        user_id    INTEGER NOT NULL,
+        user_name  TEXT NOT NULL DEFAULT '',
+        channel_id INTEGER,
+        name       TEXT NOT NULL DEFAULT '',
+        prefix     TEXT NOT NULL,
+        key_hash   TEXT NOT NULL UNIQUE,
+        options    TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        last_used  TEXT,
+        revoked_at TEXT
+    );
+    CREATE INDEX api_keys_owner ON api_keys (guild_id, user_id);
     """,
 )
 

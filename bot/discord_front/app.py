@@ -33,6 +33,7 @@ EXTENSIONS = (
     "cogs.buttons",
     "cogs.info",
     "cogs.admin",
+    "cogs.apikey",
 )
 
 

@@ -1,33 +1,35 @@
-"""Server rules, enforced in one place before a job is queued: channel, ban, prompt length,
-blocked words, model and size limits, cooldown, daily quota and the per-member queue cap. A
-refusal says why and, when it applies, when the member can try again."""
+"""The server rules as the Discord front applies them: who asks (`member_of` an interaction),
+the Discord permissions that exempt or empower a member, and the NSFW action for a channel.
+
+The rules themselves (channel, ban, prompt length, blocked words, model and size limits,
+cooldown, daily quota, the per-member queue cap) live in bot/rules.py, shared with the HTTP
+API; they are re-exported here so the cogs keep one import.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import discord
 
-from bot.blocklist import find_blocked
 from bot.discord_front.services import Services
-from bot.errors import InvalidRequest, SdbotError
 from bot.guild_config import GuildConfig
-from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
+from bot.rules import Member, Refused, check_limits, check_prompt_lengths, user_queue_cap, utcnow
+from bot.rules import check_access as check_member_access
 
-
-class Refused(SdbotError):
-    """A server rule refused the request; `reason` names the rule for the job row."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def utcnow() -> datetime:
-    """Now, as an aware datetime; one name so tests can move the clock of every rule."""
-    return datetime.now(UTC)
+__all__ = [
+    "Refused",
+    "can_moderate",
+    "check_access",
+    "check_limits",
+    "check_prompt_lengths",
+    "manages_guild",
+    "manages_messages",
+    "member_of",
+    "nsfw_action",
+    "user_queue_cap",
+    "utcnow",
+]
 
 
 def manages_guild(interaction: discord.Interaction) -> bool:
@@ -47,131 +49,24 @@ def can_moderate(interaction: discord.Interaction, owner_id: int) -> bool:
     return interaction.user.id == owner_id or manages_messages(interaction)
 
 
-def _in_words(delta: timedelta) -> str:
-    seconds = max(1, int(delta.total_seconds()))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
-
-
-def check_prompt_lengths(params: Mapping[str, Any], *, source: str = "") -> list[str]:
-    """The prompt and negative prompt, refused when longer than a request may be; `source`
-    says where they came from when the member did not type them (" stored in that image").
-
-    Checked here, whoever calls check_access, before the blocklist sees them: the time a
-    pattern takes grows with the text, and the request would be refused for its length anyway.
-    """
-    texts: list[str] = []
-    for key, name in (("prompt", "prompt"), ("negative_prompt", "negative prompt")):
-        text = str(params.get(key) or "")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise InvalidRequest(
-                f"The {name}{source} is {len(text)} characters long; "
-                f"the limit is {MAX_PROMPT_CHARS}."
-            )
-        texts.append(text)
-    return texts
+def member_of(interaction: discord.Interaction) -> Member:
+    """Who asks, as the rules see them: a thread's parent channel counts for the allow-list."""
+    channel = interaction.channel
+    parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+    return Member(
+        user_id=interaction.user.id,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        parent_channel_id=parent,
+        manages_guild=manages_guild(interaction),
+    )
 
 
 async def check_access(
     svc: Services, interaction: discord.Interaction, params: dict[str, Any]
 ) -> GuildConfig:
-    """Rules that need no images: run before anything is downloaded or queued."""
-    guild_id = interaction.guild_id
-    config = await svc.guild_configs.get(guild_id)
-    if guild_id is None:
-        if not svc.settings.allow_dms:
-            raise Refused("dm", "sdbot only works in servers, not in direct messages.")
-        return config
-    channel = interaction.channel
-    channel_ok = not config.channels or interaction.channel_id in config.channels
-    if not channel_ok and isinstance(channel, discord.Thread):
-        channel_ok = channel.parent_id in config.channels
-    if not channel_ok:
-        where = ", ".join(f"<#{c}>" for c in config.channels[:5])
-        raise Refused("channel", f"Image commands are not enabled in this channel. Try {where}.")
-    reason = await svc.db.ban_reason(guild_id, interaction.user.id)
-    if reason is not None:
-        raise Refused(
-            "banned", "You can't use sdbot in this server" + (f": {reason}" if reason else ".")
-        )
-    texts = check_prompt_lengths(params)
-    if await find_blocked(texts, config.blocked):
-        raise Refused("blocked_word", "Your prompt contains a word or phrase this server blocks.")
-    model = params.get("model")
-    if config.allowed_models and model not in config.allowed_models:
-        raise Refused(
-            "model",
-            f"The model {model!r} is not enabled here. Use: {', '.join(config.allowed_models)}.",
-        )
-    if not manages_guild(interaction):
-        await _check_cooldown_and_quota(svc, config, guild_id, interaction.user.id, params)
-    return config
-
-
-async def _check_cooldown_and_quota(
-    svc: Services, config: GuildConfig, guild_id: int, user_id: int, params: dict[str, Any]
-) -> None:
-    now = utcnow()
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    since = midnight.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    images, gpu_seconds, last = await svc.db.usage_since(guild_id, user_id, since)
-    if config.cooldown_seconds and last:
-        ready = datetime.fromisoformat(last.replace("Z", "+00:00")) + timedelta(
-            seconds=config.cooldown_seconds
-        )
-        if ready > now:
-            raise Refused(
-                "cooldown",
-                f"Slow down a little: you can start another job in {_in_words(ready - now)}.",
-            )
-    quota = await svc.db.user_quota(guild_id, user_id)
-    if quota is None:
-        quota = config.daily_quota
-    if quota:
-        reset = f"it resets at 00:00 UTC, in {_in_words(midnight + timedelta(days=1) - now)}"
-        if config.quota_unit == "gpu_seconds":
-            if gpu_seconds >= quota:
-                raise Refused("quota", f"You've used your {quota} GPU-seconds for today; {reset}.")
-        else:
-            pending = await svc.db.pending_images(guild_id, user_id)
-            wanted = int(params.get("count") or 1)
-            if images + pending + wanted > quota:
-                left = max(0, quota - images - pending)
-                raise Refused(
-                    "quota",
-                    f"That would pass your daily quota of {quota} images ({left} left); {reset}.",
-                )
-
-
-def check_limits(config: GuildConfig, request: GenerationRequest) -> None:
-    """Size, steps and count within this server's maxima (checked on the final request)."""
-    if max(request.width, request.height) > config.max_size:
-        raise Refused(
-            "limit",
-            f"{request.width}×{request.height} is larger than this server allows "
-            f"({config.max_size}px).",
-        )
-    if request.steps > config.max_steps:
-        raise Refused(
-            "limit", f"{request.steps} steps is more than this server allows ({config.max_steps})."
-        )
-    if request.count > config.max_count:
-        raise Refused(
-            "limit", f"{request.count} images is more than this server allows ({config.max_count})."
-        )
-
-
-def user_queue_cap(svc: Services, config: GuildConfig) -> int:
-    """Jobs one member may have waiting here: the owner's SDBOT_USER_QUEUE_LIMIT, or the
-    server's own setting when that is lower. Bounded here too, not only in GuildConfigs, so a
-    server's value can never raise the owner's, however GuildConfigs was built."""
-    ceiling = svc.settings.user_queue_limit
-    if "user_queue_cap" in config.overridden:
-        return min(int(config.user_queue_cap), ceiling)
-    return ceiling
+    """Rules that need no images (bot.rules.check_access), for the member of `interaction`."""
+    return await check_member_access(svc, member_of(interaction), params)
 
 
 def nsfw_action(config: GuildConfig, channel: Any) -> str:

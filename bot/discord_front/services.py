@@ -16,18 +16,11 @@ from bot.backend import ImageBackend
 from bot.catalog import Catalog
 from bot.db import Database
 from bot.errors import NoSuchJob
-from bot.guild_config import GuildConfigs
+from bot.guild_config import Defaults, GuildConfigs, defaults_of
+from bot.rules import models_on_offer
 from bot.settings import Settings
 
-
-@dataclass(frozen=True)
-class Defaults:
-    """What a command uses for options the member left empty."""
-
-    model: str
-    steps: int = 20
-    guidance: float = 7.0
-    scheduler: str = "default"
+__all__ = ["Defaults", "Services", "job_here", "services"]
 
 
 @dataclass(frozen=True)
@@ -41,18 +34,10 @@ class Services:
     http: aiohttp.ClientSession
 
     async def defaults_for(self, guild_id: int | None) -> Defaults:
-        config = await self.guild_configs.get(guild_id)
-        return Defaults(
-            model=config.default_model or self.settings.default_model,
-            steps=config.default_steps,
-            guidance=config.default_guidance,
-            scheduler=config.default_scheduler,
-        )
+        return defaults_of(await self.guild_configs.get(guild_id), self.settings.default_model)
 
     async def allowed_models(self, guild_id: int | None) -> list[str]:
-        config = await self.guild_configs.get(guild_id)
-        names = self.catalog.names()
-        return [n for n in names if n in config.allowed_models] if config.allowed_models else names
+        return models_on_offer(self.catalog, await self.guild_configs.get(guild_id))
 
 
 def services(interaction: discord.Interaction) -> Services:

@@ -1,0 +1,118 @@
+"""/apikey create | list | revoke: a member's keys for the bot's AUTOMATIC1111-compatible
+HTTP API (bot/http_api). A key acts as its owner in this server, under the same rules as
+their commands. Every reply is ephemeral; a new key is shown once, alone in a code block,
+and only its hash is stored."""
+
+from __future__ import annotations
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.db import ApiKey
+from bot.db.api_keys import MAX_KEYS_PER_MEMBER
+from bot.discord_front import limits
+from bot.discord_front.options import check_lengths, matching
+from bot.discord_front.policy import Refused, member_of
+from bot.discord_front.replies import echo, respond
+from bot.discord_front.services import services
+from bot.errors import InvalidRequest
+from bot.rules import check_member
+
+KeyName = app_commands.Range[str, 1, 40]
+KeyRef = app_commands.Range[str, 1, 100]
+
+
+def _describe(key: ApiKey) -> str:
+    name = f" **{echo(key.name, 40)}**" if key.name else ""
+    used = f", last used {key.last_used[:16].replace('T', ' ')}" if key.last_used else ""
+    return f"`{key.prefix}…`{name} (#{key.id}), made {key.created_at[:10]}{used}"
+
+
+@app_commands.guild_only()
+class ApiKeys(app_commands.Group, name="apikey", description="Keys for sdbot's HTTP API"):
+    @app_commands.command(name="create", description="Make a key for the HTTP API (shown once)")
+    @app_commands.describe(name="A name to tell this key apart, e.g. the tool that uses it")
+    async def create(self, interaction: discord.Interaction, name: KeyName | None = None) -> None:
+        check_lengths(interaction)
+        guild_id = interaction.guild_id
+        if guild_id is None:
+            raise InvalidRequest("API keys belong to a server: run /apikey in one.")
+        svc = services(interaction)
+        config = await svc.guild_configs.get(guild_id)
+        if not config.api_enabled:
+            raise Refused("api_disabled", "The admins of this server have turned sdbot's API off.")
+        # The key acts as this member here, in this channel: only where they could ask.
+        await check_member(svc, config, member_of(interaction))
+        if len(await svc.db.api_keys_of(guild_id, interaction.user.id)) >= MAX_KEYS_PER_MEMBER:
+            raise InvalidRequest(
+                f"You have {MAX_KEYS_PER_MEMBER} keys here, the most one member may have; "
+                "revoke one with /apikey revoke first."
+            )
+        key, row = await svc.db.create_api_key(
+            guild_id=guild_id,
+            user_id=interaction.user.id,
+            user_name=str(interaction.user),
+            channel_id=interaction.channel_id,
+            name=(name or "").strip(),
+        )
+        await respond(
+            interaction,
+            f"Your API key{' **' + echo(row.name, 40) + '**' if row.name else ''} "
+            f"(#{row.id}). Copy it now: it is not shown again.\n"
+            f"```\n{key}\n```\n"
+            "Send it as the password of HTTP Basic auth (any user name), as A1111 clients' "
+            "API auth setting does, or as `Authorization: Bearer <key>`. It acts as you, here, "
+            "under this server's rules. Revoke it with `/apikey revoke`.",
+        )
+
+    @app_commands.command(name="list", description="Your keys for the HTTP API in this server")
+    async def list_(self, interaction: discord.Interaction) -> None:
+        guild_id = interaction.guild_id
+        if guild_id is None:
+            raise InvalidRequest("API keys belong to a server: run /apikey in one.")
+        keys = await services(interaction).db.api_keys_of(guild_id, interaction.user.id)
+        if not keys:
+            await respond(interaction, "You have no API keys here. Make one with `/apikey create`.")
+            return
+        await respond(
+            interaction, limits.listing("**Your API keys here**", [_describe(k) for k in keys])
+        )
+
+    @app_commands.command(name="revoke", description="Revoke one of your keys at once")
+    @app_commands.describe(key="The key's #id, name, the start shown by /apikey list, or the key")
+    async def revoke(self, interaction: discord.Interaction, key: KeyRef) -> None:
+        check_lengths(interaction)
+        guild_id = interaction.guild_id
+        if guild_id is None:
+            raise InvalidRequest("API keys belong to a server: run /apikey in one.")
+        db = services(interaction).db
+        which = key.strip().removeprefix("#").removesuffix("…")
+        revoked = await db.revoke_api_key(guild_id, interaction.user.id, which)
+        if revoked is None:
+            raise InvalidRequest("You have no such key here; /apikey list shows yours.")
+        await respond(interaction, f"🗑️ Revoked {_describe(revoked)}. It stops working now.")
+
+    @revoke.autocomplete("key")
+    async def _key_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        if interaction.guild_id is None:
+            return []
+        keys = await services(interaction).db.api_keys_of(interaction.guild_id, interaction.user.id)
+        labels = {str(k.id): f"#{k.id} {k.prefix}… {k.name}".strip() for k in keys}
+        return matching(list(labels), current, labels)
+
+
+class ApiKeyCog(commands.Cog, name="API keys"):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+        self.group = ApiKeys()
+        bot.tree.add_command(self.group)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.group.name)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(ApiKeyCog(bot))
