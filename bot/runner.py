@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -22,12 +23,19 @@ from bot.db import Database
 from bot.discord_front.app import SdBot, configure_api_base
 from bot.discord_front.services import Services
 from bot.errors import SdbotError, SettingsError
-from bot.executor import GpuExecutor
+from bot.executor import GpuExecutor, Worker
 from bot.guild_config import GuildConfigs
+from bot.http_api.context import ApiContext
+from bot.http_api.progress import JobTracker
+from bot.http_api.server import ApiServer, parse_bind
 from bot.settings import Settings, check_default_model, is_loopback_url
 
 if TYPE_CHECKING:
     from bot.engine import Engine
+    from bot.localdiscord.server import LocalDiscord
+
+#: Where the playground serves the HTTP API when SDBOT_API_BIND is unset and it is free.
+PLAYGROUND_API_PORT = 7860
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +62,30 @@ async def bot_resources(
         db = await Database.open(settings.db_path)
         stack.push_async_callback(db.close)
         stale = await _tidy(db, settings)
-        executor = GpuExecutor(
-            engine or _make_engine(settings, catalog),
-            db,
-            queue_limit=settings.queue_limit,
-            user_queue_limit=settings.user_queue_limit,
-            max_batch=settings.max_batch,
-            preview_every=settings.preview_every,
-        )
+        limits: dict[str, Any] = {
+            "queue_limit": settings.queue_limit,
+            "user_queue_limit": settings.user_queue_limit,
+            "max_batch": settings.max_batch,
+            "preview_every": settings.preview_every,
+        }
+        executor: GpuExecutor[Any]
+        if engine is None and settings.backend == "serve":
+            # Ray takes seconds to import and is an optional extra: only for this backend.
+            try:
+                from bot.serve.cluster import serve_engines
+            except ImportError as exc:
+                raise SettingsError(
+                    f"SDBOT_BACKEND=serve needs Ray Serve ({exc}); install it with "
+                    "pip install -e '.[serve]'."
+                ) from None
+
+            # One worker per replica slot, so the queue hands each replica its own batch; the
+            # cluster (or what this process started of it) goes after the executor.
+            remote = await stack.enter_async_context(serve_engines(settings))
+            workers = [Worker(e, name=f"sdbot-serve-{i}") for i, e in enumerate(remote)]
+            executor = GpuExecutor(db=db, workers=workers, **limits)
+        else:
+            executor = GpuExecutor(engine or _make_engine(settings, catalog), db, **limits)
         # Model loads happen on the GPU thread; the recorder carries them to SQLite.
         executor.engine.on_load = executor.load_recorder()
         await executor.start()
@@ -84,6 +108,10 @@ async def bot_resources(
             guild_configs=GuildConfigs(db, user_queue_limit=settings.user_queue_limit),
             http=http,
         )
+        if settings.api_bind:
+            # After the backend on the stack, so closed before it: its clients' jobs are
+            # cancelled while the backend can still answer them.
+            await _serve_api(stack, services, settings.api_bind)
         bot = SdBot(services, sync=sync, interrupted=stale, **bot_options)
         # torch, diffusers and discord.py leave ~350k long-lived objects behind at import; every
         # full collection would walk them all on the event loop (0.2-0.8 s stalls, measured by
@@ -91,6 +119,27 @@ async def bot_resources(
         gc.collect()
         gc.freeze()
         yield bot
+
+
+async def _serve_api(stack: contextlib.AsyncExitStack, services: Services, bind: str) -> str:
+    """Start the AUTOMATIC1111-compatible API on `bind`, on the same backend and rules as the
+    Discord front; closed by `stack`. Its URL."""
+    ctx = ApiContext(
+        settings=services.settings,
+        db=services.db,
+        backend=services.backend,
+        catalog=services.catalog,
+        guild_configs=services.guild_configs,
+        tracker=JobTracker(),
+    )
+    server = ApiServer(ctx)
+    try:
+        url = await server.start(bind)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"SDBOT_API_BIND: {exc}") from None
+    stack.push_async_callback(server.close)
+    log.info("AUTOMATIC1111-compatible API at %s/sdapi/v1 (members make keys with /apikey)", url)
+    return url
 
 
 async def _preload(executor: GpuExecutor[Any], model: str, gate: asyncio.Event | None) -> None:
@@ -242,13 +291,45 @@ async def run_playground(settings: Settings) -> None:
         # The playground's own server: its gateway may be on a LAN address when asked to be.
         await configure_api_base(url, real_token=False)
         quiet_loopback_heartbeat()
-        local = settings.model_copy(update={"discord_api_base": url})
+        # The API too, unless the owner turned it on somewhere already.
+        api_bind = settings.api_bind or _playground_api_bind()
+        local = settings.model_copy(update={"discord_api_base": url, "api_bind": api_bind})
         async with bot_resources(local, sync=True) as bot, bot:
             _close_on_signals(bot)
             print(
                 f"sdbot playground: open {server.playground_url} in a browser (Ctrl-C to stop)",
                 flush=True,
             )
+            print(await _playground_api_demo(bot, server, api_bind), flush=True)
             await bot.start(server.bot_token)
     finally:
         await server.close()
+
+
+def _playground_api_bind() -> str:
+    """127.0.0.1:7860 (A1111's port) when it is free, else any free port on this machine."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", PLAYGROUND_API_PORT))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+async def _playground_api_demo(bot: SdBot, server: LocalDiscord, api_bind: str) -> str:
+    """A key for the playground's member, and how to call the API with it."""
+    world = server.world
+    key, _ = await bot.services.db.create_api_key(
+        guild_id=world.guild_id,
+        user_id=world.member.id,
+        user_name=world.member.username,
+        channel_id=world.default_channel_id,
+        name="playground",
+    )
+    host, port = parse_bind(api_bind)
+    body = '{"prompt": "a red fox in snow", "steps": 4}'
+    return (
+        f"sdbot playground: A1111 API at http://{host}:{port} for the member, key {key}\n"
+        f"  curl -s -u demo:{key} -H 'Content-Type: application/json' -d '{body}' "
+        f"http://{host}:{port}/sdapi/v1/txt2img"
+    )

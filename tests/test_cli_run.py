@@ -150,11 +150,14 @@ def test_bench_help_lists_the_benchmarks(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert out.startswith("usage: sdbot bench")
     listed = [line.split()[0] for line in out.split("benchmarks:\n", 1)[1].splitlines()]
-    assert listed == ["executor", "load"]
+    assert listed == ["executor", "load", "serve", "gpu"]
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "gpus"])
     assert exit_.value.code == 2
-    assert "invalid choice: 'gpus' (choose from 'executor', 'load')" in capsys.readouterr().err
+    assert (
+        "invalid choice: 'gpus' (choose from 'executor', 'load', 'serve', 'gpu')"
+        in capsys.readouterr().err
+    )
 
 
 def test_transformers_notice_about_torchvision_is_not_shown(settings: Settings) -> None:

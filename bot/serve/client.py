@@ -1,0 +1,272 @@
+"""The Serve-backed engine: a `bot.backend.GenerationEngine` that runs each call on a replica.
+
+The executor drives it like the local engine: one `bot.executor.Worker` per replica slot, each
+calling `generate` synchronously on its own thread with one planned batch. Here that call goes
+through the deployment's handle (its synchronous API, `stream=True`) and the replica's events
+come back on the same thread: steps become `on_step` calls with previews, load records go to
+`on_load`, the arrays become images.
+
+Cancelling is explicit: when `on_step` raises JobCancelled (every job of the call cancelled,
+or the bot shutting down), or anything else ends the call early, the response is cancelled,
+which stops the replica at its next step; dropping it would not.
+
+Ray's errors become the bot's: the engine's own errors arrive wrapped (RayTaskError) and are
+unwrapped so the member reads e.g. "Unknown model 'x'. Available: ..."; back-pressure is the
+usual queue-full refusal; a replica that dies mid-call is retried once (Serve routes around
+a dead replica), then the call fails with a clear message; a lost cluster fails the call and
+the worker goes on to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.serve.exceptions import BackPressureError, RayServeException
+
+from bot.backend import LoadRecordLike, StepInfoLike
+from bot.errors import GenerationFailed, QueueFull, SdbotError
+from bot.jobs import GenerationRequest
+from bot.serve.protocol import (
+    Done,
+    GeneratePayload,
+    Hello,
+    Loaded,
+    LoadReply,
+    RemoteResult,
+    Step,
+)
+
+log = logging.getLogger(__name__)
+
+#: Tries of one call when its replica dies under it: the first, and one on another replica.
+ATTEMPTS = 2
+
+
+class ReplicaDied(Exception):
+    """Internal: the replica running a call died; the call may be retried."""
+
+
+@dataclass
+class ServeLink:
+    """What the engines (worker slots) of one deployment share."""
+
+    handle: Any  # ray.serve.handle.DeploymentHandle to the SdbotReplica deployment
+    preview_every: int = 5
+    #: Called with each model load attempt on a replica (the executor's load recorder).
+    on_load: Callable[[LoadRecordLike], None] | None = None
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One generate() call as this client saw it (for /stats-like support, tests, benchmarks)."""
+
+    replicas: list[str]  # one per attempt that reached a replica, in order
+    tags: list[str]  # one per attempt: the replica's RunRecord.tag
+    requests: int
+    seconds: float
+    outcome: str  # "ok", "cancelled" or the error's reason
+
+
+@dataclass
+class _RemoteStep:
+    """A `StepInfoLike` for one step event; preview(i) is request i's latest preview."""
+
+    step: int
+    total: int
+    latest: list[bytes | None] = field(default_factory=list)
+    size: tuple[int, int] = (8, 8)
+
+    def preview(self, index: int) -> Image.Image:
+        data = self.latest[index] if index < len(self.latest) else None
+        if data is None:  # no preview step yet: the engine's own placeholder
+            return Image.new("RGB", self.size, (128, 128, 128))
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+
+
+class ServeEngine:
+    """One worker slot's engine: each call runs on whichever replica Serve picks."""
+
+    def __init__(self, link: ServeLink, *, max_loaded: int = 1, attempts: int = ATTEMPTS) -> None:
+        self.link = link
+        #: Tries of one call when replicas die under it.
+        self.attempts = max(1, attempts)
+        self._max_loaded = max_loaded
+        self._loaded: list[str] = []
+        #: Recent calls, newest last.
+        self.calls: deque[CallRecord] = deque(maxlen=100)
+        #: The replica of the call in progress (or the last one).
+        self.last_hello: Hello | None = None
+
+    @property
+    def max_loaded(self) -> int:
+        """Models each replica keeps loaded (the executor plans model switches by it)."""
+        return self._max_loaded
+
+    @property
+    def on_load(self) -> Callable[[LoadRecordLike], None] | None:
+        return self.link.on_load
+
+    @on_load.setter
+    def on_load(self, callback: Callable[[LoadRecordLike], None] | None) -> None:
+        # Shared: the runner sets it on the first worker's engine, and it is meant for all.
+        self.link.on_load = callback
+
+    @property
+    def loaded_models(self) -> list[str]:
+        """What the replica this slot used last reported loaded, least recently used first."""
+        return list(self._loaded)
+
+    # -- the worker's thread ------------------------------------------------------------------
+
+    def load(self, model: str) -> list[str]:
+        """Load `model` on a replica now (the bot's preload); its loaded models."""
+        handle = self.link.handle.options(multiplexed_model_id=model)
+        with _bot_errors():
+            reply: LoadReply = handle.load.remote(model).result()
+        self._records(reply.records)
+        self._loaded = list(reply.loaded)
+        return self.loaded_models
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        on_step: Callable[[StepInfoLike], None] | None = None,
+    ) -> list[RemoteResult]:
+        """Run `requests` (one batch_key()) on a replica; see the module docstring."""
+        if not requests:
+            return []
+        started = time.perf_counter()
+        replicas: list[str] = []
+        tags: list[str] = []
+        outcome = "ok"
+        try:
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    tags.append(uuid.uuid4().hex)
+                    return self._attempt(list(requests), on_step, replicas, tags[-1])
+                except ReplicaDied as died:
+                    if attempt == self.attempts:
+                        again = " (and again on a retry)" if attempt > 1 else ""
+                        raise GenerationFailed(
+                            f"The image server running this job stopped{again}; the job was "
+                            "not finished. Please try again in a minute."
+                        ) from died
+                    log.warning("replica %s died mid-call (%s); retrying once", replicas, died)
+            raise AssertionError("unreachable")
+        except SdbotError as exc:
+            outcome = exc.reason
+            raise
+        finally:
+            self.calls.append(
+                CallRecord(replicas, tags, len(requests), time.perf_counter() - started, outcome)
+            )
+
+    def _attempt(
+        self,
+        requests: list[GenerationRequest],
+        on_step: Callable[[StepInfoLike], None] | None,
+        replicas: list[str],
+        tag: str,
+    ) -> list[RemoteResult]:
+        first = requests[0]
+        payload = GeneratePayload(requests, self.link.preview_every, tag)
+        handle = self.link.handle.options(stream=True, multiplexed_model_id=first.model)
+        step = _RemoteStep(0, 0, [None] * len(requests), (first.width // 8, first.height // 8))
+        finished = False
+        with _bot_errors():
+            response = handle.generate.remote(payload)
+            try:
+                for event in _events(response):  # each item a list of events, in order
+                    if isinstance(event, Step):
+                        step.step, step.total = event.step, event.total
+                        for i, preview in enumerate(event.previews):
+                            if preview is not None:
+                                step.latest[i] = preview
+                        if on_step is not None:
+                            on_step(step)  # JobCancelled here cancels the response below
+                    elif isinstance(event, Loaded):
+                        self._records([event])
+                    elif isinstance(event, Hello):
+                        replicas.append(event.replica)
+                        self.last_hello = event
+                    elif isinstance(event, Done):
+                        finished = True
+                        self._loaded = list(event.loaded)
+                        return [data.result() for data in event.results]
+            finally:
+                if not finished:
+                    # Explicitly: a dropped response keeps the replica running.
+                    response.cancel()
+        raise GenerationFailed("The image server ended the job without its images.")
+
+    def _records(self, records: Sequence[Loaded]) -> None:
+        callback = self.link.on_load
+        if callback is None:
+            return
+        for record in records:
+            try:
+                callback(record)
+            except Exception:
+                log.exception("on_load callback failed")
+
+
+def _events(response: Any) -> Iterator[Any]:
+    """The response's events (it streams lists of them); a dead replica as ReplicaDied, so
+    that the call may be retried."""
+    try:
+        for item in response:
+            yield from item
+    except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the replica is gone
+        raise ReplicaDied(describe(exc)) from exc
+
+
+@contextlib.contextmanager
+def _bot_errors() -> Iterator[None]:
+    """Ray's errors as the bot's own, with messages safe to show a member."""
+    try:
+        yield
+    except (SdbotError, ReplicaDied):
+        raise
+    except BackPressureError as exc:
+        raise QueueFull(
+            "The image servers are all busy right now. Please try again in a minute."
+        ) from exc
+    except RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, SdbotError):
+            # The engine's own error, as if it had run here: the member reads its message.
+            raise cause from None
+        if isinstance(cause, RayActorError):
+            raise ReplicaDied(describe(cause)) from exc
+        log.error("a replica failed: %s", exc)
+        raise GenerationFailed(
+            "Image generation failed unexpectedly on the image server. Try again, or with "
+            "different settings."
+        ) from exc
+    except RayActorError as exc:
+        raise ReplicaDied(describe(exc)) from exc
+    except (RayError, RayServeException, ConnectionError, TimeoutError) as exc:
+        log.error("lost contact with the Ray cluster: %s", describe(exc))
+        raise GenerationFailed(
+            "The bot lost contact with its image servers (the Ray cluster); this job could "
+            "not run. Please try again in a minute."
+        ) from exc
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an exception, for logs and SettingsError messages."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__

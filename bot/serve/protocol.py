@@ -1,0 +1,132 @@
+"""What the bot and a Serve replica send each other: plain, picklable data, no Ray.
+
+One `generate` call streams lists of events (as few items as keep progress live); in order:
+`Hello` (which replica took it), any number of `Loaded` (a model load attempt, for the bot's
+load log) and `Step` (progress, with PNG previews at the executor's interval), then one `Done`
+with the images as raw arrays (no PNG encoding on the replica: the bot's delivery encodes
+them, off its worker thread, as it does for the local engine). Errors travel as exceptions,
+which Ray wraps and the client unwraps.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    from bot.jobs import GenerationRequest
+
+
+@dataclass(frozen=True)
+class GeneratePayload:
+    """One engine call: requests sharing a batch_key(), and what the bot wants streamed."""
+
+    requests: list[GenerationRequest]
+    preview_every: int  # steps between previews; 0 = none
+    tag: str  # names this attempt in the replica's run log
+
+
+@dataclass(frozen=True)
+class Hello:
+    replica: str  # Serve's id of the replica
+    pid: int
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A `bot.engine.LoadRecord`'s fields (the record type lives with torch, in bot.engine)."""
+
+    model: str
+    source: str
+    ok: bool
+    seconds: float
+    memory_mb: float | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int
+    total: int
+    #: Per request of the call, a PNG preview at this step, or None (not a preview step).
+    previews: tuple[bytes | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    """A `bot.backend.ResultLike` rebuilt on the bot's side from the arrays of `Done`."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    nsfw: list[bool]
+    sampler: str
+
+
+@dataclass(frozen=True)
+class ResultData:
+    """One request's images as uint8 arrays: lossless, and no encoding on the replica."""
+
+    arrays: list[np.ndarray]
+    modes: list[str]
+    seeds: list[int]
+    nsfw: list[bool]
+    sampler: str
+
+    @classmethod
+    def of(
+        cls, images: list[Image.Image], seeds: list[int], nsfw: list[bool], sampler: str
+    ) -> ResultData:
+        return cls(
+            [np.asarray(image) for image in images],
+            [image.mode for image in images],
+            list(seeds),
+            list(nsfw),
+            sampler,
+        )
+
+    def result(self) -> RemoteResult:
+        images = [
+            Image.fromarray(array, mode)
+            for array, mode in zip(self.arrays, self.modes, strict=True)
+        ]
+        return RemoteResult(images, list(self.seeds), list(self.nsfw), self.sampler)
+
+
+@dataclass(frozen=True)
+class Done:
+    results: list[ResultData]
+    loaded: list[str]  # the replica's loaded models after the call, least recently used first
+    seconds: float  # engine time on the replica
+
+
+@dataclass(frozen=True)
+class LoadReply:
+    loaded: list[str]
+    records: list[Loaded] = field(default_factory=list)
+
+
+@dataclass
+class RunRecord:
+    """What a replica remembers of a recent call (for `runs()`: tests, benchmarks, support)."""
+
+    tag: str
+    replica: str
+    requests: int
+    step: int  # the last step the engine reached
+    total: int
+    cancelled: bool
+    done: bool  # the engine thread has left the call
+
+
+Event = Hello | Loaded | Step | Done
+
+
+def png(image: Image.Image) -> bytes:
+    """A small PNG (previews are 1/8 of the image; fast compression is plenty)."""
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
