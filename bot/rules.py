@@ -21,7 +21,15 @@ from bot.catalog import Catalog
 from bot.db import Database
 from bot.errors import InvalidRequest, SdbotError
 from bot.guild_config import GuildConfig, GuildConfigs
-from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
+from bot.jobs import (
+    MAX_COUNT,
+    MAX_PROMPT_CHARS,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    MIN_STEPS,
+    GenerationRequest,
+)
 from bot.settings import Settings
 
 
@@ -185,22 +193,59 @@ async def _check_cooldown_and_quota(
                 )
 
 
+def check_size_limits(
+    config: GuildConfig, *, width: int, height: int, steps: int, count: int
+) -> None:
+    """Size, steps and count within sdbot's bounds and this server's maxima, checked on what
+    a request asks for before any input picture is decoded or resized to that size (a
+    40000×40000 target would make Pillow allocate gigabytes)."""
+    for name, value in (("width", width), ("height", height)):
+        if not MIN_SIZE <= value <= MAX_SIZE:
+            raise InvalidRequest(
+                f"{name} {value} is out of range; use {MIN_SIZE} to {MAX_SIZE} pixels."
+            )
+    # sdbot's own bounds before the server's maxima, with GenerationRequest's words: a request
+    # out of range is malformed, not refused by this server.
+    if not MIN_STEPS <= steps <= MAX_STEPS:
+        raise InvalidRequest(f"steps {steps} is out of range; use {MIN_STEPS} to {MAX_STEPS}.")
+    if not 1 <= count <= MAX_COUNT:
+        raise InvalidRequest(f"count {count} is out of range; use 1 to {MAX_COUNT}.")
+    _check_maxima(config, width=width, height=height, steps=steps, count=count)
+
+
+def _check_maxima(config: GuildConfig, *, width: int, height: int, steps: int, count: int) -> None:
+    if max(width, height) > config.max_size:
+        raise Refused(
+            "limit", f"{width}×{height} is larger than this server allows ({config.max_size}px)."
+        )
+    if steps > config.max_steps:
+        raise Refused(
+            "limit", f"{steps} steps is more than this server allows ({config.max_steps})."
+        )
+    if count > config.max_count:
+        raise Refused(
+            "limit", f"{count} images is more than this server allows ({config.max_count})."
+        )
+
+
 def check_limits(config: GuildConfig, request: GenerationRequest) -> None:
     """Size, steps and count within this server's maxima (checked on the final request)."""
-    if max(request.width, request.height) > config.max_size:
-        raise Refused(
-            "limit",
-            f"{request.width}×{request.height} is larger than this server allows "
-            f"({config.max_size}px).",
-        )
-    if request.steps > config.max_steps:
-        raise Refused(
-            "limit", f"{request.steps} steps is more than this server allows ({config.max_steps})."
-        )
-    if request.count > config.max_count:
-        raise Refused(
-            "limit", f"{request.count} images is more than this server allows ({config.max_count})."
-        )
+    _check_maxima(
+        config,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        count=request.count,
+    )
+
+
+def nsfw_action(config: GuildConfig, *, channel_is_nsfw: bool) -> str:
+    """What happens to flagged images: allow / spoiler / block, the server's policy, lifted in
+    a channel marked NSFW when the server allows that. Previews are never checked (the checker
+    sees finished images only), so where this says block no front shows a preview either."""
+    if config.nsfw_channels_allow and channel_is_nsfw:
+        return "allow"
+    return str(config.nsfw_policy)
 
 
 def user_queue_cap(svc: RuleServices, config: GuildConfig) -> int:

@@ -317,9 +317,14 @@ def _playground_api_bind() -> str:
 
 
 async def _playground_api_demo(bot: SdBot, server: LocalDiscord, api_bind: str) -> str:
-    """A key for the playground's member, and how to call the API with it."""
+    """A key for the playground's member, and how to call the API with it.
+
+    Only hashes are stored, so the last start's key cannot be shown again: it is revoked and
+    a new one made, so restarts never pile up keys past the per-member cap."""
     world = server.world
-    key, _ = await bot.services.db.create_api_key(
+    db = bot.services.db
+    await db.revoke_member_api_keys(world.guild_id, world.member.id, name="playground")
+    key, _ = await db.create_api_key(
         guild_id=world.guild_id,
         user_id=world.member.id,
         user_name=world.member.username,

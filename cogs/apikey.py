@@ -1,7 +1,13 @@
 """/apikey create | list | revoke: a member's keys for the bot's AUTOMATIC1111-compatible
 HTTP API (bot/http_api). A key acts as its owner in this server, under the same rules as
 their commands. Every reply is ephemeral; a new key is shown once, alone in a code block,
-and only its hash is stored."""
+and only its hash is stored.
+
+Keys do not outlive their place: members with Manage Server revoke another member's keys
+with `/apikey revoke member:` (checked again here, as /config is: clients can be modified),
+and a member's keys are revoked when they leave the server (`on_raw_member_remove`; Discord
+sends that event only to bots with the Server Members intent).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,9 @@ from bot.db import ApiKey
 from bot.db.api_keys import MAX_KEYS_PER_MEMBER
 from bot.discord_front import limits
 from bot.discord_front.options import check_lengths, matching
-from bot.discord_front.policy import Refused, member_of
+from bot.discord_front.policy import Refused, manages_guild, member_of
 from bot.discord_front.replies import echo, respond
-from bot.discord_front.services import services
+from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest
 from bot.rules import check_member
 
@@ -54,6 +60,8 @@ class ApiKeys(app_commands.Group, name="apikey", description="Keys for sdbot's H
             user_id=interaction.user.id,
             user_name=str(interaction.user),
             channel_id=interaction.channel_id,
+            # A thread's parent counts for the channel allow-list, as for commands there.
+            parent_channel_id=member_of(interaction).parent_channel_id,
             name=(name or "").strip(),
         )
         await respond(
@@ -79,19 +87,62 @@ class ApiKeys(app_commands.Group, name="apikey", description="Keys for sdbot's H
             interaction, limits.listing("**Your API keys here**", [_describe(k) for k in keys])
         )
 
-    @app_commands.command(name="revoke", description="Revoke one of your keys at once")
-    @app_commands.describe(key="The key's #id, name, the start shown by /apikey list, or the key")
-    async def revoke(self, interaction: discord.Interaction, key: KeyRef) -> None:
+    @app_commands.command(name="revoke", description="Revoke a key at once")
+    @app_commands.describe(
+        key="The key's #id, name, the start shown by /apikey list, or the key",
+        member="Manage Server: revoke this member's keys (all of them, unless `key` names one)",
+    )
+    async def revoke(
+        self,
+        interaction: discord.Interaction,
+        key: KeyRef | None = None,
+        member: discord.User | None = None,
+    ) -> None:
         check_lengths(interaction)
         guild_id = interaction.guild_id
         if guild_id is None:
             raise InvalidRequest("API keys belong to a server: run /apikey in one.")
         db = services(interaction).db
+        if member is not None and member.id != interaction.user.id:
+            if not manages_guild(interaction):
+                raise Refused(
+                    "permission", "You need the Manage Server permission to revoke others' keys."
+                )
+            await self._revoke_members(interaction, member, key)
+            return
+        if key is None:
+            raise InvalidRequest("Name the key to revoke; /apikey list shows yours.")
         which = key.strip().removeprefix("#").removesuffix("…")
         revoked = await db.revoke_api_key(guild_id, interaction.user.id, which)
         if revoked is None:
             raise InvalidRequest("You have no such key here; /apikey list shows yours.")
         await respond(interaction, f"🗑️ Revoked {_describe(revoked)}. It stops working now.")
+
+    async def _revoke_members(
+        self, interaction: discord.Interaction, member: discord.User, key: str | None
+    ) -> None:
+        """An admin revokes another member's keys here: one, or all of them."""
+        assert interaction.guild_id is not None
+        db = services(interaction).db
+        who = discord.utils.escape_mentions(echo(str(member), 40))
+        if key is not None:
+            which = key.strip().removeprefix("#").removesuffix("…")
+            one = await db.revoke_api_key(interaction.guild_id, member.id, which)
+            if one is None:
+                raise InvalidRequest(f"{who} has no such key here.")
+            revoked = [one]
+        else:
+            revoked = await db.revoke_member_api_keys(interaction.guild_id, member.id)
+        if not revoked:
+            await respond(interaction, f"{who} has no API keys here.")
+            return
+        await respond(
+            interaction,
+            limits.listing(
+                f"🗑️ Revoked {len(revoked)} of {who}'s API keys; they stop working now.",
+                [_describe(k) for k in revoked],
+            ),
+        )
 
     @revoke.autocomplete("key")
     async def _key_autocomplete(
@@ -99,7 +150,12 @@ class ApiKeys(app_commands.Group, name="apikey", description="Keys for sdbot's H
     ) -> list[app_commands.Choice[str]]:
         if interaction.guild_id is None:
             return []
-        keys = await services(interaction).db.api_keys_of(interaction.guild_id, interaction.user.id)
+        # An admin who chose a member sees that member's keys; anyone else only their own.
+        chosen = getattr(interaction.namespace, "member", None)
+        owner = interaction.user.id
+        if isinstance(chosen, (discord.User, discord.Member)) and manages_guild(interaction):
+            owner = chosen.id
+        keys = await services(interaction).db.api_keys_of(interaction.guild_id, owner)
         labels = {str(k.id): f"#{k.id} {k.prefix}… {k.name}".strip() for k in keys}
         return matching(list(labels), current, labels)
 
@@ -112,6 +168,13 @@ class ApiKeyCog(commands.Cog, name="API keys"):
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.group.name)
+
+    @commands.Cog.listener()
+    async def on_raw_member_remove(self, payload: discord.RawMemberRemoveEvent) -> None:
+        """A member who leaves (or is kicked or banned) keeps no key that acts as them here."""
+        svc = getattr(self.bot, "services", None)
+        if isinstance(svc, Services):
+            await svc.db.revoke_member_api_keys(payload.guild_id, payload.user.id)
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -24,6 +24,7 @@ from bot.engine import Engine
 from bot.imaging import parse_parameters, read_parameters
 from bot.jobs import GenerationRequest
 from bot.localdiscord.client import ControlClient
+from bot.localdiscord.server import LocalDiscord
 from bot.settings import Settings
 from tests.test_e2e_admin import admin, imagine, refused, reply_to, rows
 
@@ -68,8 +69,10 @@ def api_settings(settings: Settings, **extra: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_api(settings: Settings, engine: Engine) -> AsyncIterator[Api]:
-    async with running_bot(settings, engine=engine) as harness:
+async def running_api(
+    settings: Settings, engine: Engine, *, server: LocalDiscord | None = None
+) -> AsyncIterator[Api]:
+    async with running_bot(settings, engine=engine, server=server) as harness:
         base = f"http://{settings.api_bind}"
         async with aiohttp.ClientSession(base_url=base) as http:
             yield Api(harness, http)

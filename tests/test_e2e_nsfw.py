@@ -5,7 +5,9 @@ admin turns `nsfw_channels_allow` off."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from bot.engine import Engine
 from bot.localdiscord.client import ControlClient
 from bot.localdiscord.server import LocalDiscord
 from bot.settings import Settings
+from tests.test_api_e2e import Api, api_settings, decoded, running_api
 
 BLOCKED = "🔞 The image was flagged as NSFW and this server blocks those."
 
@@ -180,3 +183,53 @@ async def test_an_nsfw_channel_lifts_the_policy_unless_the_admin_turns_that_off(
     await admin_sets(c, "nsfw_channels_allow", "false")
     kept = await imagine(c, nsfw)
     assert kept["attachments"] == [] and BLOCKED in kept["content"]
+
+
+async def watch_previews(api: Api, key: str, *, until_image: bool) -> list[dict[str, Any]]:
+    """/progress, polled while a long job of the key runs (until it shows a preview, or for
+    some steps), then the job interrupted: every progress answer seen."""
+    long = {"prompt": "a fox", "steps": 150, "width": 64, "height": 64}
+    job = asyncio.create_task(api.call("POST", "txt2img", key, long))
+    seen: list[dict[str, Any]] = []
+    for _ in range(1000):
+        status, now = await api.call("GET", "progress", key)
+        assert status == 200
+        seen.append(now)
+        enough = now["current_image"] if until_image else now["state"]["sampling_step"] > 5
+        if enough or job.done():
+            break
+        await asyncio.sleep(0.02)
+    await api.call("POST", "interrupt", key)
+    assert (await job)[0] == 200
+    return seen
+
+
+def is_black(png: bytes) -> bool:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.convert("L").getextrema() == (0, 0)
+
+
+async def test_the_api_follows_the_servers_nsfw_policy(settings: Settings, engine: Engine) -> None:
+    async with running_api(api_settings(settings), engine) as api:
+        c = api.control
+        key = await api.new_key()
+        await admin_sets(c, "nsfw_policy", "allow")
+        status, out = await api.call("POST", "txt2img", key, {"prompt": "a fox", "steps": 1})
+        assert status == 200 and json.loads(out["info"])["nsfw"] == [True]
+        assert not is_black(decoded(out["images"])[0])
+        # This engine's jobs do send previews where flagged images are allowed...
+        assert any(s["current_image"] for s in await watch_previews(api, key, until_image=True))
+
+        await admin_sets(c, "nsfw_policy", "block")
+        two = {"prompt": "a fox", "steps": 1, "batch_size": 2}
+        status, out = await api.call("POST", "txt2img", key, two)
+        details = json.loads(out["info"])
+        assert status == 200 and details["nsfw"] == [True, True]
+        # Flagged images come back black, as A1111's filter makes them, still one per seed.
+        pngs = decoded(out["images"])
+        assert len(pngs) == len(details["all_seeds"]) == 2 and all(map(is_black, pngs))
+        assert all(Image.open(io.BytesIO(p)).size == (64, 64) for p in pngs)
+        # ...and none under block: previews are never checked.
+        seen = await watch_previews(api, key, until_image=False)
+        assert seen[-1]["state"]["sampling_step"] > 5
+        assert all(s["current_image"] is None for s in seen)

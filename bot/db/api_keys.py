@@ -49,6 +49,8 @@ class ApiKey:
     created_at: str
     last_used: str | None = None
     revoked_at: str | None = None
+    #: The parent of `channel_id` when the key was made in a thread.
+    parent_channel_id: int | None = None
     options: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -68,6 +70,7 @@ class ApiKey:
             created_at=str(row["created_at"]),
             last_used=row["last_used"],
             revoked_at=row["revoked_at"],
+            parent_channel_id=row["parent_channel_id"],
             options=options if isinstance(options, dict) else {},
         )
 
@@ -82,15 +85,16 @@ class ApiKeysMixin(BaseDatabase):
         user_id: int,
         user_name: str,
         channel_id: int | None,
+        parent_channel_id: int | None = None,
         name: str = "",
     ) -> tuple[str, ApiKey]:
         """A new key for a member in a server: (the key, shown once and never stored, its row)."""
         key = new_key()
         cur = await self.conn.execute(
-            """INSERT INTO api_keys (guild_id, user_id, user_name, channel_id, name, prefix,
-                   key_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-            (guild_id, user_id, user_name, channel_id, name, key[:SHOWN_CHARS], hash_key(key),
-             utc_stamp()),
+            """INSERT INTO api_keys (guild_id, user_id, user_name, channel_id, parent_channel_id,
+                   name, prefix, key_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (guild_id, user_id, user_name, channel_id, parent_channel_id, name,
+             key[:SHOWN_CHARS], hash_key(key), utc_stamp()),
         )  # fmt: skip
         await self.conn.commit()
         row = await self._api_key_row("id=?", (cur.lastrowid,))
@@ -137,6 +141,21 @@ class ApiKeysMixin(BaseDatabase):
             )
             await self.conn.commit()
         return found
+
+    async def revoke_member_api_keys(
+        self, guild_id: int, user_id: int, *, name: str | None = None
+    ) -> list[ApiKey]:
+        """Revoke every live key of a member here (only those called `name`, when given): the
+        member left, or an admin took their keys away. The keys revoked, oldest first."""
+        keys = [k for k in await self.api_keys_of(guild_id, user_id) if name in (None, k.name)]
+        if keys:
+            marks = ",".join("?" * len(keys))
+            await self.conn.execute(
+                f"UPDATE api_keys SET revoked_at=? WHERE id IN ({marks})",
+                (utc_stamp(), *(k.id for k in keys)),
+            )
+            await self.conn.commit()
+        return keys
 
     async def set_api_key_options(self, key_id: int, options: dict[str, Any]) -> None:
         await self.conn.execute(

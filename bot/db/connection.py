@@ -131,7 +131,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # Keys of the HTTP API (bot/http_api): only the SHA-256 of each key is kept; `prefix` (the
     # key's first characters) tells a member's keys apart in /apikey list. A key acts as its
-    # owner in its server, as if in the channel it was made in; `options` holds what the
+    # owner in its server, as if in the channel it was made in (and that channel's parent when
+    # it was a thread, for the channel allow-list); `options` holds what the
     # client set through /sdapi/v1/options. API jobs are told apart by their command ("api:…").
     """
     CREATE TABLE api_keys (
@@ -140,6 +141,7 @@ MIGRATIONS: tuple[str, ...] = (
         user_id    INTEGER NOT NULL,
         user_name  TEXT NOT NULL DEFAULT '',
         channel_id INTEGER,
+        parent_channel_id INTEGER,
         name       TEXT NOT NULL DEFAULT '',
         prefix     TEXT NOT NULL,
         key_hash   TEXT NOT NULL UNIQUE,

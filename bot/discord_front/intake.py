@@ -2,7 +2,9 @@
 
 Slash commands, context menus, modals and buttons all end here: options become a validated
 GenerationRequest, refusals become ephemeral replies and `rejected` rows (through
-`recording_refusals`, the one place the front records them), accepted jobs are deferred.
+`recording_refusals`, bot.admission's with the interaction's origin), accepted jobs are
+deferred. The rules, their order and the submit are bot.admission's (`admit`), shared with the
+HTTP API.
 Following a job to its images is ui.start_job's part, as the buttons under them live there.
 
 Member bytes are downloaded here only (`download`: from Discord's CDN or the configured
@@ -26,18 +28,13 @@ import discord
 import yarl
 from PIL import Image
 
-from bot import imaging
+from bot import admission, imaging
+from bot.admission import admit
 from bot.backend import Job, JobOrigin
-from bot.discord_front.options import unavailable_models
-from bot.discord_front.policy import (
-    check_access,
-    check_limits,
-    check_prompt_lengths,
-    user_queue_cap,
-)
+from bot.discord_front.policy import check_prompt_lengths, member_of
 from bot.discord_front.replies import replace_with_error, unexpected_error_text
 from bot.discord_front.services import Services, services
-from bot.errors import InvalidRequest, ModelLoadError, SdbotError
+from bot.errors import InvalidRequest, SdbotError
 from bot.input_store import digest
 from bot.inputs import attachment_bytes, picture_inputs
 from bot.jobs import GenerationRequest
@@ -94,14 +91,11 @@ async def recording_refusals(
     interaction: discord.Interaction, command: str, params: Mapping[str, Any]
 ) -> AsyncIterator[None]:
     """Record a refusal raised inside as a `rejected` job row (for /history and /stats),
-    then let it on to the error handler, which tells the member."""
-    try:
+    then let it on to the error handler, which tells the member (bot.admission's, with the
+    interaction's origin)."""
+    row = lambda: (origin_of(interaction, command), jsonable(params))  # noqa: E731
+    async with admission.recording_refusals(services(interaction), row):
         yield
-    except SdbotError as exc:
-        origin = origin_of(interaction, command)
-        db = services(interaction).db
-        await db.record_rejected(origin, jsonable(params), exc.reason, exc.message)
-        raise
 
 
 def attachment_url(svc: Services, url: str, *, what: str = "image") -> yarl.URL:
@@ -171,15 +165,7 @@ async def decode_image(
     svc: Services, data: bytes, *, what: str = "image", keep_alpha: bool = False
 ) -> Image.Image:
     """Decode member bytes under the settings' limits, off the event loop."""
-    limit = attachment_bytes(svc.settings.max_attachment_mb)
-    return await asyncio.to_thread(
-        imaging.decode_attachment,
-        data,
-        max_bytes=limit,
-        max_pixels=svc.settings.max_attachment_pixels,
-        what=what,
-        keep_alpha=keep_alpha,
-    )
+    return await admission.decode_image(svc.settings, data, what=what, keep_alpha=keep_alpha)
 
 
 async def read_image(
@@ -302,15 +288,6 @@ async def check_model_on_offer(svc: Services, guild_id: int | None, params: dict
                 raise InvalidRequest(f"The LoRA {lora.name[:100]!r} is no longer available.")
 
 
-async def check_model_loads(svc: Services, params: Mapping[str, Any]) -> None:
-    """A model this machine cannot load is refused now, with the reason, rather than failing
-    as a job after its wait in the queue."""
-    name = str(params["model"])
-    why = (await unavailable_models(svc, [name])).get(name)
-    if why is not None:
-        raise ModelLoadError(why)
-
-
 async def queue_job(
     interaction: discord.Interaction,
     *,
@@ -336,31 +313,30 @@ async def queue_job(
     fields = {f.name for f in dataclasses.fields(GenerationRequest)}
     provenance = {k: v for k, v in params.items() if k not in fields}
 
-    async def build() -> tuple[GenerationRequest, int, list[KeptInput]]:
+    async def submit() -> Job:
+        # bot.admission runs the rules, the size check before any picture is read, the
+        # loader and the submit, under the member's turn (so parallel commands cannot all
+        # pass a quota); a refusal is recorded as a `rejected` row there.
         async with recording_refusals(interaction, command, params):
             await check_model_on_offer(svc, interaction.guild_id, params)
-            config = await check_access(svc, interaction, params)
-            # After the access rules (a model not enabled here says so), before any download.
-            await check_model_loads(svc, params)
-            extra = await load_images() if load_images is not None else {}
-            kept = list(extra.pop(KEPT_INPUTS, ()))
-            merged = {**params, **extra}
-            request = GenerationRequest(**{k: v for k, v in merged.items() if k in fields})
-            check_limits(config, request)
-            return request, user_queue_cap(svc, config), kept
-
-    async def submit(request: GenerationRequest, user_limit: int, kept: list[KeptInput]) -> Job:
-        job = await svc.backend.submit(origin, request, user_limit=user_limit)
+        job, extra = await admit(
+            svc,
+            member_of(interaction),
+            params,
+            origin=lambda _request: origin,
+            refusal_row=lambda: (origin, jsonable(params)),
+            load_pictures=load_images,
+        )
         if provenance:
             await svc.db.merge_params(job.id, jsonable(provenance))
         # Only now, with the job accepted: a refused request leaves no file behind.
-        await keep_inputs(svc, job.id, kept)
+        await keep_inputs(svc, job.id, list(extra.get(KEPT_INPUTS, ())))
         return job
 
     if load_images is None:
         # Queued before the defer, so that a full queue is an ephemeral reply; a defer
         # Discord refuses takes the job back out, or it would run for no one.
-        job = await submit(*await build())
+        job = await submit()
         try:
             original_id = await _defer(interaction)
         except discord.HTTPException as exc:
@@ -374,7 +350,7 @@ async def queue_job(
         log.warning("Discord refused the defer of a %s job (%s); not queueing it", command, exc)
         return None
     try:
-        job = await submit(*await build())
+        job = await submit()
     except SdbotError as exc:
         await replace_with_error(interaction, exc.message)
         return None

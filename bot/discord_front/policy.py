@@ -16,6 +16,7 @@ from bot.discord_front.services import Services
 from bot.guild_config import GuildConfig
 from bot.rules import Member, Refused, check_limits, check_prompt_lengths, user_queue_cap, utcnow
 from bot.rules import check_access as check_member_access
+from bot.rules import nsfw_action as rules_nsfw_action
 
 __all__ = [
     "Refused",
@@ -70,7 +71,5 @@ async def check_access(
 
 
 def nsfw_action(config: GuildConfig, channel: Any) -> str:
-    """allow / spoiler / block for flagged images, lifted in NSFW-marked channels if allowed."""
-    if config.nsfw_channels_allow and getattr(channel, "nsfw", False):
-        return "allow"
-    return str(config.nsfw_policy)
+    """allow / spoiler / block for flagged images in `channel` (bot.rules.nsfw_action)."""
+    return rules_nsfw_action(config, channel_is_nsfw=bool(getattr(channel, "nsfw", False)))

@@ -4,6 +4,7 @@ tracker of the jobs API clients are waiting for. And `Caller`: the member an API
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,8 @@ class ApiContext:
 
 @dataclass(frozen=True)
 class Caller:
-    """A request's key: its owner, in the key's server, as if in the channel it was made in.
+    """A request's key: its owner, in the key's server, as if in the channel it was made in
+    (and, when that was a thread, its parent channel: either may be on the allow-list).
 
     Never exempt from cooldowns and quotas: the API cannot see the owner's Discord
     permissions now, and a key outlives the role that might once have exempted them.
@@ -46,7 +48,10 @@ class Caller:
     @property
     def member(self) -> Member:
         return Member(
-            user_id=self.key.user_id, guild_id=self.key.guild_id, channel_id=self.key.channel_id
+            user_id=self.key.user_id,
+            guild_id=self.key.guild_id,
+            channel_id=self.key.channel_id,
+            parent_channel_id=self.key.parent_channel_id,
         )
 
     def origin(self, mode: str) -> JobOrigin:
@@ -71,10 +76,12 @@ def context_of(request: web.Request) -> ApiContext:
 
 async def read_json(request: web.Request) -> Any:
     """The request's JSON body; InvalidRequest (422) when it is none. Too large a body is
-    aiohttp's 413, raised while reading, before anything is parsed."""
+    aiohttp's 413, raised while reading, before anything is parsed. A body may be tens of MB
+    of base64 pictures: it is parsed in a thread, not on the event loop."""
     if not request.body_exists:
         raise InvalidRequest("The request needs a JSON body.")
+    raw = await request.read()
     try:
-        return await request.json(loads=json.loads)
+        return await asyncio.to_thread(json.loads, raw)
     except ValueError:
         raise InvalidRequest("The request body is not valid JSON.") from None

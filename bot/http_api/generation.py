@@ -1,25 +1,35 @@
 """The endpoints that make images, and those that watch them: POST /sdapi/v1/txt2img and
 /img2img (the request waits for its images, as in A1111), GET /sdapi/v1/progress and POST
-/sdapi/v1/interrupt, both about the calling key's own jobs only."""
+/sdapi/v1/interrupt, both about the calling key's own jobs only.
+
+The server's NSFW policy holds here as on Discord (bot.rules.nsfw_action, for a key's channel
+taken as not NSFW-marked: an HTTP client is no channel a member chose). Under `block` a
+flagged image is answered as a black PNG of its size, as A1111's NSFW filter does, so the
+images still line up with `info`'s seeds; `info.nsfw` says which were flagged, under every
+policy. Previews are never checked, so under `block` /progress sends none.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 from typing import Any
 
 from aiohttp import web
+from PIL import Image
 
 from bot.backend import Failed, Finished, Job
 from bot.errors import InvalidRequest
 from bot.http_api.auth import allowed_caller, caller_of
-from bot.http_api.context import ApiContext, context_of, read_json
+from bot.http_api.context import ApiContext, Caller, context_of, read_json
 from bot.http_api.intake import submit
 from bot.http_api.progress import Tracked
 from bot.http_api.schemas import ApiRequest, echo, info
 from bot.jobs import GenerationRequest
 from bot.png_parameters import parse_parameters
+from bot.rules import nsfw_action
 
 
 async def txt2img(request: web.Request) -> web.Response:
@@ -67,7 +77,16 @@ async def _generate(request: web.Request, mode: str) -> web.Response:
             ),
         }
         return web.json_response(body)
-    return web.json_response(await _result(api, job.request, outcome), dumps=json.dumps)
+    blocked = await _nsfw_action(ctx, caller) == "block"
+    return web.Response(
+        body=await _result(api, job.request, outcome, blocked=blocked),
+        content_type="application/json",
+    )
+
+
+async def _nsfw_action(ctx: ApiContext, caller: Caller) -> str:
+    config = await ctx.guild_configs.get(caller.key.guild_id)
+    return nsfw_action(config, channel_is_nsfw=False)
 
 
 def _cancel_orphan(ctx: ApiContext, done: asyncio.Future[tuple[ApiRequest, Job]]) -> None:
@@ -82,15 +101,37 @@ def _cancel_orphan(ctx: ApiContext, done: asyncio.Future[tuple[ApiRequest, Job]]
 _orphans: set[asyncio.Future[bool]] = set()
 
 
-async def _result(api: ApiRequest, request: GenerationRequest, done: Finished) -> dict[str, Any]:
-    """A1111's answer: base64 PNGs (each with its `parameters` text), the request as run,
-    and `info` as a JSON string. No grid: clients expect one image per seed."""
-    images = await asyncio.to_thread(
-        lambda: [base64.b64encode(png).decode("ascii") for png in done.images]
-    )
+async def _result(
+    api: ApiRequest, request: GenerationRequest, done: Finished, *, blocked: bool
+) -> bytes:
+    """A1111's answer, as the JSON body's bytes: base64 PNGs (each with its `parameters`
+    text; flagged ones black when `blocked`), the request as run, and `info` as a JSON string.
+    No grid: clients expect one image per seed. Encoding megabytes of base64 and JSON runs in
+    a thread, off the event loop."""
     sampler = parse_parameters(done.parameters[0]).get("Sampler", "") if done.parameters else ""
     details = info(api, request, seeds=done.seeds, infotexts=done.parameters, sampler=sampler)
-    return {"images": images, "parameters": echo(api, request), "info": json.dumps(details)}
+    details["nsfw"] = list(done.nsfw)
+
+    def encode() -> bytes:
+        flags = [*done.nsfw, *[False] * (len(done.images) - len(done.nsfw))]
+        pngs = [
+            _black_png(request.width, request.height) if blocked and flagged else png
+            for png, flagged in zip(done.images, flags, strict=False)
+        ]
+        body = {
+            "images": [base64.b64encode(png).decode("ascii") for png in pngs],
+            "parameters": echo(api, request),
+            "info": json.dumps(details),
+        }
+        return json.dumps(body).encode()
+
+    return await asyncio.to_thread(encode)
+
+
+def _black_png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 async def progress(request: web.Request) -> web.Response:
@@ -111,7 +152,12 @@ async def progress(request: web.Request) -> web.Response:
             }
         )
     image = None
-    if tracked.preview is not None and not skip_image:
+    # Previews are not checked for NSFW: where flagged images are blocked, none is sent.
+    if (
+        tracked.preview is not None
+        and not skip_image
+        and await _nsfw_action(ctx, caller) != "block"
+    ):
         image = base64.b64encode(tracked.preview).decode("ascii")
     return web.json_response(
         {

@@ -1,11 +1,12 @@
 """From an A1111 body to a queued job: the one path /txt2img and /img2img take.
 
-The same steps as the Discord front's (bot/discord_front/intake.py), with the same rules
-(bot/rules.py) and the same decoding (bot/imaging, bot/inputs): prompt lengths first, then
-the server's rules for the key's owner, then the model, then the input pictures (base64,
-decoded under the bot's byte and pixel limits, in a thread), then the server's size limits on
-the final request. A refusal is recorded as a `rejected` job row, as on Discord, and raised
-to the error middleware, which answers it.
+The body is read field by field (bot/http_api/schemas.py), its prompt lengths checked, the
+API's own switch for the server read, and the request's fields laid over the model's and the
+server's defaults; then bot/admission.py admits it as it does a Discord command: the server's
+rules for the key's owner, the model, the size asked for (before any picture is decoded or
+resized), the base64 pictures (decoded under the bot's byte and pixel limits, in a thread),
+the final request, the submit. A refusal is recorded as a `rejected` job row, as on Discord,
+and raised to the error middleware, which answers it.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 from PIL import Image, ImageOps
 
-from bot import imaging
-from bot.backend import Job
-from bot.errors import InvalidRequest, ModelLoadError, SdbotError
+from bot.admission import admit, decode_image, recording_refusals
+from bot.backend import Job, JobOrigin
+from bot.errors import InvalidRequest
 from bot.guild_config import defaults_of
 from bot.http_api.auth import check_enabled
 from bot.http_api.context import ApiContext, Caller
@@ -33,26 +32,11 @@ from bot.inputs import (
     option_defaults,
     picture_inputs,
 )
-from bot.jobs import GenerationRequest, snap_to_8
-from bot.model_sources import availability
-from bot.rules import check_access, check_limits, check_prompt_lengths, user_queue_cap
+from bot.jobs import snap_to_8
+from bot.rules import check_prompt_lengths
 
 #: Fields of a refused body kept in its row: its texts and numbers, never its images.
 _IMAGE_FIELDS = ("init_images", "mask", "image")
-
-
-@contextlib.asynccontextmanager
-async def recording_refusals(
-    ctx: ApiContext, caller: Caller, mode: list[str], stored: dict[str, Any]
-) -> AsyncIterator[None]:
-    """Record a refusal raised inside as a `rejected` job row, then let it on to the error
-    middleware. `mode` and `stored` are read at the refusal: they get more precise as the
-    body is understood."""
-    try:
-        yield
-    except SdbotError as exc:
-        await ctx.db.record_rejected(caller.origin(mode[0]), stored, exc.reason, exc.message)
-        raise
 
 
 async def submit(ctx: ApiContext, caller: Caller, data: Any, mode: str) -> tuple[ApiRequest, Job]:
@@ -62,7 +46,12 @@ async def submit(ctx: ApiContext, caller: Caller, data: Any, mode: str) -> tuple
     stored: dict[str, Any] = (
         {k: v for k, v in data.items() if k not in _IMAGE_FIELDS} if isinstance(data, dict) else {}
     )
-    async with recording_refusals(ctx, caller, modes, stored):
+
+    def refusal_row() -> tuple[JobOrigin, dict[str, Any]]:
+        # Read at the refusal: `modes` and `stored` get more precise as the body is understood.
+        return caller.origin(modes[0]), stored
+
+    async with recording_refusals(ctx, refusal_row):
         api = parse_request(data, mode)
         modes[0] = "inpaint" if api.mask else api.mode
         stored.clear()
@@ -71,15 +60,20 @@ async def submit(ctx: ApiContext, caller: Caller, data: Any, mode: str) -> tuple
         await check_enabled(ctx, caller)
         params = await request_params(ctx, caller, api)
         stored.update(model=params["model"])
-        config = await check_access(ctx, caller.member, params)
-        await check_model_loads(ctx, str(params["model"]))
-        if api.init_image is not None:
-            params.update(await picture_fields(ctx, api, params))
-        request = GenerationRequest(**params)
-        check_limits(config, request)
-        user_limit = user_queue_cap(ctx, config)
-    # A full queue is refused, and recorded, by the backend itself.
-    job = await ctx.backend.submit(caller.origin(request.mode), request, user_limit=user_limit)
+
+    async def pictures() -> dict[str, Any]:
+        out = await picture_fields(ctx, api, params)
+        stored.update(width=out["width"], height=out["height"])
+        return out
+
+    job, _ = await admit(
+        ctx,
+        caller.member,
+        params,
+        origin=lambda request: caller.origin(request.mode),
+        refusal_row=refusal_row,
+        load_pictures=pictures if api.init_image is not None else None,
+    )
     await ctx.db.merge_params(job.id, {"api_key": caller.key.prefix})
     return api, job
 
@@ -127,13 +121,6 @@ async def request_params(ctx: ApiContext, caller: Caller, api: ApiRequest) -> di
     return params
 
 
-async def check_model_loads(ctx: ApiContext, name: str) -> None:
-    """A model this machine cannot load is refused now, not after a wait in the queue."""
-    why = await asyncio.to_thread(availability, ctx.catalog, name)
-    if why is not None:
-        raise ModelLoadError(why)
-
-
 async def decode_base64_limit(ctx: ApiContext, text: str, *, what: str) -> bytes:
     """The bytes of a base64 picture, refused past the settings' attachment cap before they
     are decoded (the text's length tells)."""
@@ -149,17 +136,9 @@ async def decode_base64_limit(ctx: ApiContext, text: str, *, what: str) -> bytes
 async def decode_base64_image(
     ctx: ApiContext, text: str, *, what: str, keep_alpha: bool = False
 ) -> Image.Image:
-    """A base64 picture, decoded as an attachment is: under the settings' byte and pixel caps
-    (checked on the header before any pixel is decoded), in a thread."""
+    """A base64 picture, decoded as an attachment is (bot.admission.decode_image)."""
     data = await decode_base64_limit(ctx, text, what=what)
-    return await asyncio.to_thread(
-        imaging.decode_attachment,
-        data,
-        max_bytes=attachment_bytes(ctx.settings.max_attachment_mb),
-        max_pixels=ctx.settings.max_attachment_pixels,
-        what=what,
-        keep_alpha=keep_alpha,
-    )
+    return await decode_image(ctx.settings, data, what=what, keep_alpha=keep_alpha)
 
 
 async def picture_fields(
@@ -175,14 +154,19 @@ async def picture_fields(
     if api.mask is not None:
         mask = await decode_base64_image(ctx, api.mask, what="mask")
     size = (params["width"], params["height"]) if api.width and api.height else None
-    out = await asyncio.to_thread(
-        picture_inputs,
-        picture,
-        native=max(params["width"], params["height"]),
-        size=size,
-        inpaint=inpaint,
-        mask=mask,
-    )
-    if inpaint and api.mask_invert:
-        out["mask_image"] = ImageOps.invert(out["mask_image"])
-    return out
+    invert = inpaint and api.mask_invert
+
+    def prepare() -> dict[str, Any]:
+        out = picture_inputs(
+            picture,
+            native=max(params["width"], params["height"]),
+            size=size,
+            inpaint=inpaint,
+            mask=mask,
+        )
+        if invert:
+            out["mask_image"] = ImageOps.invert(out["mask_image"])
+        return out
+
+    # Resizing and inverting are Pillow work on member pixels: never on the event loop.
+    return await asyncio.to_thread(prepare)

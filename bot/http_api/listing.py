@@ -13,7 +13,7 @@ from bot.errors import InvalidRequest
 from bot.http_api.auth import allowed_caller
 from bot.http_api.context import ApiContext, Caller, context_of, read_json
 from bot.http_api.intake import decode_base64_limit
-from bot.http_api.schemas import SCHEDULERS, json_object, model_name
+from bot.http_api.schemas import SCHEDULERS, base64_payload, json_object, model_name
 from bot.png_parameters import parse_parameters, read_parameters
 from bot.rules import Refused, models_on_offer
 from bot.samplers import SCHEDULER_NAMES
@@ -115,7 +115,8 @@ async def png_info(request: web.Request) -> web.Response:
     image = body.get("image")
     if not isinstance(image, str) or not image:
         raise InvalidRequest("image must be a base64 PNG.")
-    data = await decode_base64_limit(ctx, image, what="image")
+    # A1111's wiki and clients such as webuiapi send a data URL ("data:image/png;base64,...").
+    data = await decode_base64_limit(ctx, base64_payload(image), what="image")
     text = await asyncio.to_thread(read_parameters, data)
     if not text:
         return web.json_response({"info": "", "items": {}, "parameters": {}})

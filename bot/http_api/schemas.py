@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bot.errors import InvalidRequest
-from bot.jobs import MAX_COUNT, GenerationRequest
+from bot.jobs import MAX_COUNT, MAX_SIZE, MIN_SIZE, GenerationRequest
 from bot.samplers import DEFAULT, SCHEDULER_NAMES, canonical_name
 
 #: A1111's scheduler names that mean "the sampler's own schedule" and "with Karras sigmas".
@@ -42,6 +42,19 @@ def _integer(body: Mapping[str, Any], name: str) -> int | None:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name} must be a whole number, got {_show(value)}.")
+    return value
+
+
+def _pixels(body: Mapping[str, Any], name: str) -> int | None:
+    """A width or height: None (or 0, which some clients send for "the default") when not
+    given, else within sdbot's bounds, refused here before anything is sized to it."""
+    value = _integer(body, name)
+    if not value:
+        return None
+    if not MIN_SIZE <= value <= MAX_SIZE:
+        raise InvalidRequest(
+            f"{name} {value} is out of range; use {MIN_SIZE} to {MAX_SIZE} pixels."
+        )
     return value
 
 
@@ -181,8 +194,8 @@ def parse_request(data: Any, mode: str) -> ApiRequest:
         seed=seed,
         steps=_integer(body, "steps"),
         cfg_scale=_number(body, "cfg_scale"),
-        width=_integer(body, "width"),
-        height=_integer(body, "height"),
+        width=_pixels(body, "width"),
+        height=_pixels(body, "height"),
         sampler=sampler_of(sampler_name, _text(body, "scheduler")),
         batch_size=batch_size,
         n_iter=n_iter,
