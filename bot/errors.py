@@ -55,6 +55,11 @@ class GenerationFailed(SdbotError):
     reason = "generation"
 
 
+class ReplicaLost(GenerationFailed):
+    """The image server (a Serve replica) running the job died, and so did the retry: running
+    the job again, alone or in another batch, would likely kill another one."""
+
+
 class GpuOutOfMemory(GenerationFailed):
     """The GPU ran out of memory; the executor may retry with a smaller batch."""
 

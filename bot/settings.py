@@ -77,8 +77,9 @@ class Settings(BaseSettings):
     playground_allow_remote: bool = False
     # Where generation runs: this process's GPU, or a Ray Serve deployment (bot/serve/).
     backend: Literal["local", "serve"] = "local"
-    # A Ray address ("auto", "ray://host:10001"), or "local": start Ray in this process and
-    # deploy the app here with serve_replicas replicas.
+    # A Ray address ("auto": the cluster this machine is a node of; ray:// is refused because
+    # Ray Client cannot stream), or "local": start Ray in this process and deploy the app here
+    # with serve_replicas replicas.
     serve_address: str = "local"
     serve_replicas: int = Field(default=1, ge=1, le=64)
     serve_app: str = Field(default="sdbot", min_length=1, max_length=64)

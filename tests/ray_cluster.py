@@ -41,9 +41,10 @@ class RayCluster:
     app: str
     replicas: int
 
-    def engine(self, *, preview_every: int = 0) -> ServeEngine:
-        """A fresh client (one worker slot) on the shared app."""
-        return ServeEngine(ServeLink(self.handle, preview_every))
+    def engine(self, *, preview_every: int = 0, **link: Any) -> ServeEngine:
+        """A fresh client (one worker slot) on the shared app; `link`: more ServeLink fields
+        (step_interval_s=0: every step reported, for the cancel tests)."""
+        return ServeEngine(ServeLink(self.handle, preview_every, **link))
 
     def runs(self, tries: int = 40) -> dict[str, Any]:
         """Tag -> RunRecord over both replicas (each call reaches one of them, at random)."""

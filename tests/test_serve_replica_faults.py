@@ -1,5 +1,6 @@
 """A Serve replica killed with SIGKILL mid-job, on the real local Ray cluster: the job is retried
-once on the other replica, or fails with a clear message; the next job succeeds.
+once on the other replica, or fails with a clear message (and a batch that killed its replicas
+is not rerun one by one, which would kill more); the next job succeeds.
 
 Last of the Serve modules (by name) on purpose: each kill leaves a replica restarting.
 """
@@ -8,16 +9,18 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-import pytest
-
-from bot.backend import StepInfoLike
-from bot.errors import GenerationFailed
+from bot.backend import Failed, StepInfoLike
+from bot.errors import ReplicaLost
 from bot.jobs import GenerationRequest
 from bot.serve.client import ServeEngine
+from bot.serve.protocol import RemoteResult
 from tests import ray_cluster
 from tests.ray_cluster import RayCluster
+from tests.test_serve import executor_on, origin, workers_held
 
 # The session's Ray cluster, as this module's fixture `session_cluster`.
 session_cluster = ray_cluster.serve_cluster
@@ -56,16 +59,45 @@ def test_a_replica_killed_mid_job_is_retried_on_the_other_and_the_next_job_succe
     assert remote.calls[-1].outcome == "ok"
 
 
-def test_a_job_whose_replica_dies_with_no_retry_left_fails_with_a_clear_message(
-    session_cluster: RayCluster,
+class KillsOnce(ServeEngine):
+    """A worker slot's engine whose first call gets its replica killed at `step`."""
+
+    def __init__(self, cluster: RayCluster, step: int, **kw: Any) -> None:
+        super().__init__(cluster.engine().link, **kw)
+        self.step = step
+        self.killed: list[int] = []
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        on_step: Callable[[StepInfoLike], None] | None = None,
+    ) -> list[RemoteResult]:
+        kill = kill_at_step(self, self.step, self.killed)
+
+        def both(info: StepInfoLike) -> None:
+            kill(info)
+            if on_step is not None:
+                on_step(info)
+
+        return super().generate(requests, on_step=both)
+
+
+async def test_a_batch_whose_replica_died_with_no_retry_left_fails_whole_and_is_not_rerun(
+    session_cluster: RayCluster, tmp_path: Path
 ) -> None:
-    remote = ServeEngine(session_cluster.engine().link, attempts=1)
-    killed: list[int] = []
-    with pytest.raises(GenerationFailed, match="stopped") as caught:
-        remote.generate([req()], on_step=kill_at_step(remote, 1, killed))
-    assert killed
-    assert caught.value.message == (
-        "The image server running this job stopped; the job was not finished. "
-        "Please try again in a minute."
-    )
-    assert remote.calls[-1].outcome == "generation"
+    remote = KillsOnce(session_cluster, 1, attempts=1)
+    async with executor_on([remote], tmp_path, max_batch=2) as ex:
+        async with workers_held(ex):
+            jobs = [await ex.submit(origin(user), req(seed=user)) for user in (1, 2)]
+        ends = [[e async for e in job.stream()][-1] for job in jobs]
+    assert remote.killed
+    for end in ends:
+        assert isinstance(end, Failed), end
+        assert isinstance(end.error, ReplicaLost)
+        assert end.error.message == (
+            "The image server running this job stopped; the job was not finished. "
+            "Please try again in a minute."
+        )
+    # One call, the batch's: rerunning its requests one by one would risk a replica each.
+    assert [(call.requests, call.outcome) for call in remote.calls] == [(2, "generation")]

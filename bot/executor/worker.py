@@ -36,6 +36,7 @@ from bot.errors import (
     GpuOutOfMemory,
     JobCancelled,
     ModelLoadError,
+    ReplicaLost,
     without_frames,
 )
 from bot.executor.fair_queue import Batch
@@ -175,7 +176,9 @@ class Worker(Generic[E]):
                 try:
                     result, error = fn(), None
                 except BaseException as exc:
-                    result, error = None, exc
+                    # Without its frames: the future keeps the error, and on a GPU the frames
+                    # would keep the failed call's tensors alive for as long as it does.
+                    result, error = None, without_frames(exc)
                 # Book-keeping first (loaded models, busy time), so whoever awaits the call
                 # sees a status that already includes it.
                 host.finished(self, None, {})
@@ -293,7 +296,13 @@ class _BatchRun:
                 self._fail(live[0].job, oom)
         elif isinstance(results, Exception):
             exc = results
-            if len(live) > 1 and not isinstance(exc, ModelLoadError) and not self.host.closing:
+            if (
+                len(live) > 1
+                # Neither would go better alone: a model that does not load, or a request
+                # whose batch killed its image servers (rerunning it would kill more).
+                and not isinstance(exc, (ModelLoadError, ReplicaLost))
+                and not self.host.closing
+            ):
                 # One bad request must not fail its batch-mates: rerun each alone.
                 log.warning("a batch of %d failed (%s); retrying one by one", len(live), exc)
                 for part in live:

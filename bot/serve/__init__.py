@@ -11,7 +11,9 @@ streams the progress back. SDBOT_BACKEND=serve selects it (bot.runner).
 - `app`: the deployment's options (fixed replicas, `max_ongoing_requests=1`) and the app
   builder `build_app` named by the shipped `serve_config.yaml` for `serve deploy`.
 - `client`: `ServeEngine`, a `bot.backend.GenerationEngine` over the deployment's handle:
-  explicit cancel, Ray's errors as the bot's, one retry when a replica dies.
+  explicit cancel, one retry when a replica dies.
+- `stream`: reading a replica's streamed reply with a deadline on silence (replicas send
+  heartbeats), and Ray's errors as the bot's.
 - `cluster`: start-up and tear-down (`serve_engines`): Ray in-process for
   SDBOT_SERVE_ADDRESS=local, else a handle to the app already deployed on the cluster.
 

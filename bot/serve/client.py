@@ -10,33 +10,38 @@ Cancelling is explicit: when `on_step` raises JobCancelled (every job of the cal
 or the bot shutting down), or anything else ends the call early, the response is cancelled,
 which stops the replica at its next step; dropping it would not.
 
-Ray's errors become the bot's: the engine's own errors arrive wrapped (RayTaskError) and are
-unwrapped so the member reads e.g. "Unknown model 'x'. Available: ..."; back-pressure is the
-usual queue-full refusal; a replica that dies mid-call is retried once (Serve routes around
-a dead replica), then the call fails with a clear message; a lost cluster fails the call and
-the worker goes on to the next.
+Every reply is read with a deadline on silence (`stream.Stream`): a replica that stops
+answering fails the call instead of holding the worker's thread forever. A heartbeat with a
+known step is passed to `on_step` again, so that a cancel is noticed during a long step.
+
+Ray's errors become the bot's (`stream.bot_errors`): the engine's own errors arrive wrapped
+(RayTaskError) and are unwrapped so the member reads e.g. "Unknown model 'x'. Available:
+..."; back-pressure is the usual queue-full refusal; a replica that dies mid-call
+(ActorDiedError) is retried once, unless the call was cancelled meanwhile (Serve routes
+around a dead replica), then the call fails with `ReplicaLost`, which the executor does not
+rerun one by one; a lost cluster fails the call and the worker goes on to the next.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
-from ray.exceptions import RayActorError, RayError, RayTaskError
-from ray.serve.exceptions import BackPressureError, RayServeException
 
 from bot.backend import LoadRecordLike, StepInfoLike
-from bot.errors import GenerationFailed, QueueFull, SdbotError
+from bot.errors import GenerationFailed, ReplicaLost, SdbotError
 from bot.jobs import GenerationRequest
 from bot.serve.protocol import (
+    HEARTBEAT_S,
+    STEP_INTERVAL_S,
+    Beat,
     Done,
     GeneratePayload,
     Hello,
@@ -45,15 +50,12 @@ from bot.serve.protocol import (
     RemoteResult,
     Step,
 )
+from bot.serve.stream import SILENCE_S, ReplicaDied, Stream, bot_errors
 
 log = logging.getLogger(__name__)
 
 #: Tries of one call when its replica dies under it: the first, and one on another replica.
 ATTEMPTS = 2
-
-
-class ReplicaDied(Exception):
-    """Internal: the replica running a call died; the call may be retried."""
 
 
 @dataclass
@@ -64,6 +66,11 @@ class ServeLink:
     preview_every: int = 5
     #: Called with each model load attempt on a replica (the executor's load recorder).
     on_load: Callable[[LoadRecordLike], None] | None = None
+    #: The replica merges steps closer together than this (0 = every step, for tests).
+    step_interval_s: float = STEP_INTERVAL_S
+    #: How often a replica says it is still working, and how long the bot waits for a word.
+    heartbeat_s: float = HEARTBEAT_S
+    silence_s: float = SILENCE_S
 
 
 @dataclass(frozen=True)
@@ -132,12 +139,21 @@ class ServeEngine:
 
     def load(self, model: str) -> list[str]:
         """Load `model` on a replica now (the bot's preload); its loaded models."""
-        handle = self.link.handle.options(multiplexed_model_id=model)
-        with _bot_errors():
-            reply: LoadReply = handle.load.remote(model).result()
-        self._records(reply.records)
-        self._loaded = list(reply.loaded)
-        return self.loaded_models
+        finished = False
+        with bot_errors():
+            handle = self.link.handle.options(stream=True, multiplexed_model_id=model)
+            response = handle.load.remote(model, self.link.heartbeat_s)
+            try:
+                for event in Stream(response, self.link.silence_s).events():
+                    if isinstance(event, LoadReply):
+                        finished = True
+                        self._records(event.records)
+                        self._loaded = list(event.loaded)
+                        return self.loaded_models
+            finally:
+                if not finished:
+                    response.cancel()
+        raise GenerationFailed("The image server ended the model load without a reply.")
 
     def generate(
         self,
@@ -152,19 +168,24 @@ class ServeEngine:
         replicas: list[str] = []
         tags: list[str] = []
         outcome = "ok"
+        first = requests[0]
+        # Shared by the attempts: the last step known, for a cancel check before a retry.
+        step = _RemoteStep(0, 0, [None] * len(requests), (first.width // 8, first.height // 8))
         try:
             for attempt in range(1, self.attempts + 1):
                 try:
                     tags.append(uuid.uuid4().hex)
-                    return self._attempt(list(requests), on_step, replicas, tags[-1])
+                    return self._attempt(list(requests), step, on_step, replicas, tags[-1])
                 except ReplicaDied as died:
                     if attempt == self.attempts:
                         again = " (and again on a retry)" if attempt > 1 else ""
-                        raise GenerationFailed(
+                        raise ReplicaLost(
                             f"The image server running this job stopped{again}; the job was "
                             "not finished. Please try again in a minute."
                         ) from died
                     log.warning("replica %s died mid-call (%s); retrying once", replicas, died)
+                    if on_step is not None and step.total:
+                        on_step(step)  # JobCancelled if every job was cancelled meanwhile
             raise AssertionError("unreachable")
         except SdbotError as exc:
             outcome = exc.reason
@@ -177,19 +198,21 @@ class ServeEngine:
     def _attempt(
         self,
         requests: list[GenerationRequest],
+        step: _RemoteStep,
         on_step: Callable[[StepInfoLike], None] | None,
         replicas: list[str],
         tag: str,
     ) -> list[RemoteResult]:
-        first = requests[0]
-        payload = GeneratePayload(requests, self.link.preview_every, tag)
-        handle = self.link.handle.options(stream=True, multiplexed_model_id=first.model)
-        step = _RemoteStep(0, 0, [None] * len(requests), (first.width // 8, first.height // 8))
+        link = self.link
+        payload = GeneratePayload(
+            requests, link.preview_every, tag, link.step_interval_s, link.heartbeat_s
+        )
         finished = False
-        with _bot_errors():
+        with bot_errors():
+            handle = link.handle.options(stream=True, multiplexed_model_id=requests[0].model)
             response = handle.generate.remote(payload)
             try:
-                for event in _events(response):  # each item a list of events, in order
+                for event in Stream(response, link.silence_s).events():
                     if isinstance(event, Step):
                         step.step, step.total = event.step, event.total
                         for i, preview in enumerate(event.previews):
@@ -197,6 +220,12 @@ class ServeEngine:
                                 step.latest[i] = preview
                         if on_step is not None:
                             on_step(step)  # JobCancelled here cancels the response below
+                    elif isinstance(event, Beat):
+                        # A long step: check for a cancel again. Not before the first step
+                        # (no progress to show yet), nor after the last (the images are due).
+                        if 0 < event.step < event.total and on_step is not None:
+                            step.step, step.total = event.step, event.total
+                            on_step(step)
                     elif isinstance(event, Loaded):
                         self._records([event])
                     elif isinstance(event, Hello):
@@ -221,52 +250,3 @@ class ServeEngine:
                 callback(record)
             except Exception:
                 log.exception("on_load callback failed")
-
-
-def _events(response: Any) -> Iterator[Any]:
-    """The response's events (it streams lists of them); a dead replica as ReplicaDied, so
-    that the call may be retried."""
-    try:
-        for item in response:
-            yield from item
-    except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the replica is gone
-        raise ReplicaDied(describe(exc)) from exc
-
-
-@contextlib.contextmanager
-def _bot_errors() -> Iterator[None]:
-    """Ray's errors as the bot's own, with messages safe to show a member."""
-    try:
-        yield
-    except (SdbotError, ReplicaDied):
-        raise
-    except BackPressureError as exc:
-        raise QueueFull(
-            "The image servers are all busy right now. Please try again in a minute."
-        ) from exc
-    except RayTaskError as exc:
-        cause = exc.cause
-        if isinstance(cause, SdbotError):
-            # The engine's own error, as if it had run here: the member reads its message.
-            raise cause from None
-        if isinstance(cause, RayActorError):
-            raise ReplicaDied(describe(cause)) from exc
-        log.error("a replica failed: %s", exc)
-        raise GenerationFailed(
-            "Image generation failed unexpectedly on the image server. Try again, or with "
-            "different settings."
-        ) from exc
-    except RayActorError as exc:
-        raise ReplicaDied(describe(exc)) from exc
-    except (RayError, RayServeException, ConnectionError, TimeoutError) as exc:
-        log.error("lost contact with the Ray cluster: %s", describe(exc))
-        raise GenerationFailed(
-            "The bot lost contact with its image servers (the Ray cluster); this job could "
-            "not run. Please try again in a minute."
-        ) from exc
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming an exception, for logs and SettingsError messages."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__

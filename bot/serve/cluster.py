@@ -5,9 +5,12 @@
 - SDBOT_SERVE_ADDRESS=local: start Ray in this process (no dashboard, a capped object store,
   token auth off unless RAY_AUTH_MODE says otherwise), deploy the app with
   SDBOT_SERVE_REPLICAS replicas and wait until they are ready; stop both on the way out.
-- any other address (`auto`, `ray://host:10001`, `host:6379`): connect, and take a handle to
-  the app named SDBOT_SERVE_APP that `serve deploy` put there; leave the cluster as it was.
-A cluster that cannot be reached, or has no such app, is a SettingsError (one line, exit 2).
+- any other address (`auto`, `host:6379`): connect, and take a handle to the app named
+  SDBOT_SERVE_APP that `serve deploy` put there; on the way out only disconnect, leaving the
+  cluster and its apps as they were. Not `ray://`: Ray Client cannot stream from a
+  deployment, so the bot's machine joins the cluster as a node instead.
+A cluster that cannot be reached, has no such app, or (local) does not start is a
+SettingsError (one line, exit 2). The models each replica keeps loaded come from a replica.
 Ray already running in this process (tests, benchmarks) is used as it is and left running.
 
 The blocking Ray calls run in a thread, off the event loop.
@@ -30,7 +33,8 @@ from ray import serve
 
 from bot.errors import SettingsError
 from bot.serve.app import DEPLOYMENT, AppOptions, application
-from bot.serve.client import ServeEngine, ServeLink, describe
+from bot.serve.client import ServeEngine, ServeLink
+from bot.serve.stream import describe
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,8 +44,10 @@ log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_MB = 512
 #: Seconds to wait for a TCP connection to the cluster's address before giving up.
 CONNECT_TIMEOUT_S = 5.0
+#: Seconds to wait for a replica to say how many models it keeps loaded.
+MAX_LOADED_TIMEOUT_S = 30.0
 
-_HOST_PORT = re.compile(r"^(?:ray://)?\[?([^\]/]+?)\]?:(\d+)$")
+_HOST_PORT = re.compile(r"^\[?([^\]/]+?)\]?:(\d+)$")
 
 
 @dataclass
@@ -52,6 +58,8 @@ class ServeCluster:
     slots: int
     max_loaded: int
     app: str
+    #: SDBOT_SERVE_ADDRESS=local: Ray and Serve are this process's own, to stop on the way out.
+    local: bool = False
     started_ray: bool = False
     deployed: bool = False
     engines: list[ServeEngine] = field(default_factory=list)
@@ -61,8 +69,12 @@ class ServeCluster:
             with contextlib.suppress(Exception):
                 serve.delete(self.app)
         if self.started_ray:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
+            if self.local:
+                # Only a cluster of this process: on a shared one, serve.shutdown() would
+                # delete every app deployed there.
+                with contextlib.suppress(Exception):
+                    serve.shutdown()
+            # Remote: only disconnects this process.
             ray.shutdown()
 
 
@@ -85,17 +97,18 @@ def connect(settings: Settings, options: AppOptions | None = None) -> ServeClust
     """Blocking: connect to (or start) Ray and the app; SettingsError when that fails."""
     address = settings.serve_address.strip()
     local = address == "local"
+    if address.startswith("ray://"):
+        # Ray Client cannot stream from a deployment (DeploymentHandle refuses stream=True
+        # there), and every job streams its progress.
+        raise SettingsError(
+            f"SDBOT_SERVE_ADDRESS={address}: the bot cannot use Ray Client (ray://) addresses. "
+            "Join the cluster from the bot's machine instead (`ray start "
+            "--address=HEAD_IP:6379 --num-cpus=0`) and set SDBOT_SERVE_ADDRESS=auto."
+        )
     started_ray = False
     if not ray.is_initialized():
         if local:
-            # Ray 2.60 turns token auth on for new clusters and writes ~/.ray/auth_token; a
-            # cluster inside this process is reachable from this machine only.
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(
-                include_dashboard=False,
-                object_store_memory=LOCAL_OBJECT_STORE_MB * 1024**2,
-                namespace="sdbot",
-            )
+            _start_local_ray()
         else:
             _check_reachable(address)
             try:
@@ -107,31 +120,28 @@ def connect(settings: Settings, options: AppOptions | None = None) -> ServeClust
                     "Python the same versions here and there?"
                 ) from None
         started_ray = True
-    cluster: ServeCluster | None = None
     try:
         if local:
             options = options or local_options(settings)
-            handle = deploy(options, settings.serve_app)
-            cluster = ServeCluster(
-                ServeLink(handle, settings.preview_every),
-                options.replicas,
-                settings.max_loaded_models,
-                settings.serve_app,
-                started_ray=started_ray,
-                deployed=True,
-            )
+            handle = _deploy_local(options, settings.serve_app)
+            slots = options.replicas
         else:
             handle = _app_handle(settings.serve_app, address)
             slots = _running_replicas(settings.serve_app) or settings.serve_replicas
-            cluster = ServeCluster(
-                ServeLink(handle, settings.preview_every),
-                slots,
-                settings.max_loaded_models,
-                settings.serve_app,
-                started_ray=started_ray,
-            )
+        cluster = ServeCluster(
+            ServeLink(handle, settings.preview_every),
+            slots,
+            _replica_max_loaded(handle, settings.max_loaded_models),
+            settings.serve_app,
+            local=local,
+            started_ray=started_ray,
+            deployed=local,
+        )
     except BaseException:
         if started_ray:
+            if local:
+                with contextlib.suppress(Exception):
+                    serve.shutdown()
             ray.shutdown()
         raise
     cluster.engines = [
@@ -139,6 +149,49 @@ def connect(settings: Settings, options: AppOptions | None = None) -> ServeClust
     ]
     log.info("Serve backend: app %s with %d replica slot(s)", cluster.app, cluster.slots)
     return cluster
+
+
+def _start_local_ray() -> None:
+    # Ray 2.60 turns token auth on for new clusters and writes ~/.ray/auth_token; a cluster
+    # inside this process is reachable from this machine only.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        ray.init(
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_MB * 1024**2,
+            namespace="sdbot",
+        )
+    except Exception as exc:
+        raise SettingsError(
+            f"cannot start Ray in the bot's process for SDBOT_SERVE_ADDRESS=local "
+            f"({describe(exc)})."
+        ) from None
+
+
+def _deploy_local(options: AppOptions, name: str) -> Any:
+    try:
+        return deploy(options, name)
+    except Exception as exc:
+        # E.g. a replica that cannot start: Serve's message names the replica's own error.
+        raise SettingsError(
+            f"the Serve app {name!r} did not start with SDBOT_SERVE_ADDRESS=local "
+            f"({describe(exc)}); the Ray logs in /tmp/ray/session_latest/logs say more."
+        ) from None
+
+
+def _replica_max_loaded(handle: Any, fallback: int) -> int:
+    """Models each replica keeps loaded, as a replica says: the cluster's serve_config.yaml may
+    set it differently from this bot's SDBOT_MAX_LOADED_MODELS."""
+    try:
+        return int(handle.max_loaded.remote().result(timeout_s=MAX_LOADED_TIMEOUT_S))
+    except Exception as exc:
+        log.warning(
+            "could not ask a replica how many models it keeps loaded (%s); planning with "
+            "SDBOT_MAX_LOADED_MODELS=%d",
+            describe(exc),
+            fallback,
+        )
+        return fallback
 
 
 def deploy(options: AppOptions, name: str) -> Any:

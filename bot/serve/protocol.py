@@ -2,10 +2,15 @@
 
 One `generate` call streams lists of events (as few items as keep progress live); in order:
 `Hello` (which replica took it), any number of `Loaded` (a model load attempt, for the bot's
-load log) and `Step` (progress, with PNG previews at the executor's interval), then one `Done`
-with the images as raw arrays (no PNG encoding on the replica: the bot's delivery encodes
-them, off its worker thread, as it does for the local engine). Errors travel as exceptions,
-which Ray wraps and the client unwraps.
+load log), `Step` (progress, with PNG previews at the executor's interval) and `Beat`, then
+one `Done` with the images as raw arrays (no PNG encoding on the replica: the bot's delivery
+encodes them, off its worker thread, as it does for the local engine). A `load` call streams
+`Beat`s, then one `LoadReply`. Errors travel as exceptions, which Ray wraps and the client
+unwraps.
+
+The heartbeat: a replica sends something at least every `heartbeat_s` (a `Beat` when nothing
+else is due, also while a model loads), so that the bot can tell a slow job from a replica
+that stopped answering, and give up on the latter (`bot.serve.client.SILENCE_S`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,12 @@ from PIL import Image
 if TYPE_CHECKING:
     from bot.jobs import GenerationRequest
 
+#: Seconds between a replica's heartbeats when it has nothing else to send.
+HEARTBEAT_S = 1.0
+#: Steps closer together than this are not each sent (each streamed item costs a few ms);
+#: preview steps and the last step always are. The bot shows progress at most every 0.2 s.
+STEP_INTERVAL_S = 0.05
+
 
 @dataclass(frozen=True)
 class GeneratePayload:
@@ -28,6 +39,9 @@ class GeneratePayload:
     requests: list[GenerationRequest]
     preview_every: int  # steps between previews; 0 = none
     tag: str  # names this attempt in the replica's run log
+    #: Steps less than this apart are merged (0: every step is sent; tests that cancel).
+    step_interval_s: float = STEP_INTERVAL_S
+    heartbeat_s: float = HEARTBEAT_S
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,14 @@ class Step:
     total: int
     #: Per request of the call, a PNG preview at this step, or None (not a preview step).
     previews: tuple[bytes | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class Beat:
+    """Still working: the engine's last step (0 of 0 before the first, e.g. while loading)."""
+
+    step: int = 0
+    total: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,7 +144,7 @@ class RunRecord:
     done: bool  # the engine thread has left the call
 
 
-Event = Hello | Loaded | Step | Done
+Event = Hello | Loaded | Step | Beat | Done
 
 
 def png(image: Image.Image) -> bytes:

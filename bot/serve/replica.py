@@ -10,6 +10,9 @@ Serve cancels the request's task when the bot calls `.cancel()` on its response;
 JobCancelled at the next step. Cancelling only the bot's awaiting task would not reach here,
 which is why the client cancels explicitly.
 
+Every call sends something at least every `heartbeat_s` (`protocol.Beat` when nothing else is
+due, also while a model loads): the bot gives up on a replica that stays silent.
+
 No `@serve.batch`: the bot forms batches by `batch_key()` and sends one per replica slot.
 Models go through `@serve.multiplexed` (keyed on the request's model, as many per replica as
 the engine keeps loaded) so Serve routes a model's batches to a replica that has it loaded.
@@ -18,13 +21,14 @@ the engine keeps loaded) so Serve routes a model's batches to a replica that has
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -36,6 +40,8 @@ from bot.catalog import Catalog
 from bot.engine import Engine, LoadRecord, StepInfo
 from bot.errors import JobCancelled, SdbotError
 from bot.serve.protocol import (
+    HEARTBEAT_S,
+    Beat,
     Done,
     Event,
     GeneratePayload,
@@ -57,9 +63,6 @@ log = logging.getLogger(__name__)
 
 #: Recent calls a replica remembers for `runs()`.
 RUN_LOG = 50
-#: Steps closer together than this are not each sent (each streamed item costs a few ms);
-#: preview steps and the last step always are. The bot shows progress at most every 0.2 s.
-STEP_INTERVAL_S = 0.05
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -90,6 +93,23 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+async def _beating(
+    work: Awaitable[Any], every: float, beat: Callable[[], Beat]
+) -> AsyncGenerator[Beat, None]:
+    """Await `work`, yielding a heartbeat every `every` seconds until it is done (then its
+    error, if any, is raised). Cancelled, it cancels `work`."""
+    future = asyncio.ensure_future(work)
+    try:
+        while not future.done():
+            await asyncio.wait({future}, timeout=every)
+            if not future.done():
+                yield beat()
+        future.result()
+    finally:
+        if not future.done():
+            future.cancel()
+
+
 class _Call:
     """One `generate` call: the engine thread's side (step callback, run record) and the
     queue its events cross to the event loop by."""
@@ -107,6 +127,21 @@ class _Call:
 
     def post(self, event: Event | None) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def beat(self) -> Beat:
+        return Beat(self.record.step, self.record.total)
+
+    async def next_events(self) -> list[Event | None] | None:
+        """What the engine thread posted since the last call (waiting for at least one), or
+        None when nothing came within the heartbeat interval."""
+        try:
+            first = await asyncio.wait_for(self.queue.get(), self.payload.heartbeat_s)
+        except TimeoutError:
+            return None
+        batch = [first]
+        while not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        return batch
 
     def run(self, engine: Engine) -> list[GenerationResult]:
         """On the engine thread. Ends the event stream with None whatever happens."""
@@ -127,7 +162,8 @@ class _Call:
         if every and info.step % every == 0 and info.step < info.total:
             previews = tuple(png(info.preview(i)) for i in range(len(self.payload.requests)))
         now = time.monotonic()
-        if previews or info.step >= info.total or now - self.last_sent >= STEP_INTERVAL_S:
+        last = info.step >= info.total
+        if previews or last or now - self.last_sent >= self.payload.step_interval_s:
             self.last_sent = now
             self.post(Step(info.step, info.total, previews))
 
@@ -190,26 +226,36 @@ class SdbotReplica:
             self._current.post(loaded)
 
     async def generate(self, payload: GeneratePayload) -> AsyncIterator[list[Event]]:
-        """Stream one batch: Hello, Loaded*/Step*, Done, in as few items as keep progress
-        live (each streamed item costs a few ms): Hello rides with the first step, events
-        that piled up go together, and the last step waits for Done. Cancelling the request
-        stops the engine at its next step."""
+        """Stream one batch: Hello, Loaded*/Step*/Beat*, Done, in as few items as keep
+        progress live (each streamed item costs a few ms): Hello rides with the first step,
+        events that piled up go together, the last step waits for Done, and a Beat goes when
+        nothing else did for `payload.heartbeat_s`. Cancelling the request stops the engine at
+        its next step."""
         record = RunRecord(payload.tag, self.replica, len(payload.requests), 0, 0, False, False)
         self._runs.append(record)
         call = _Call(asyncio.get_running_loop(), payload, record)
         self._current = call
         pending: list[Event] = [Hello(self.replica, os.getpid())]
         try:
-            # Through Serve's multiplexing, so that it routes this model's batches here.
-            await self._models(payload.requests[0].model)
+            # Through Serve's multiplexing, so that it routes this model's batches here; a
+            # load (a download, even) may take minutes: heartbeats meanwhile.
+            model = self._models(payload.requests[0].model)
+            async with contextlib.aclosing(
+                _beating(model, payload.heartbeat_s, call.beat)
+            ) as beats:
+                async for beat in beats:
+                    yield [*pending, beat]
+                    pending = []
             started = time.perf_counter()
             future = asyncio.get_running_loop().run_in_executor(self._pool, call.run, self.engine)
             # Retrieved even when the request is cancelled first (no "never retrieved" noise).
             future.add_done_callback(_retrieved)
             while True:
-                batch = [await call.queue.get()]
-                while not call.queue.empty():
-                    batch.append(call.queue.get_nowait())
+                batch = await call.next_events()
+                if batch is None:  # a long step, a VAE decode, the safety checker: alive
+                    yield [*pending, call.beat()]
+                    pending = []
+                    continue
                 ended = batch[-1] is None  # posted last, once the engine has left the call
                 pending += [event for event in batch if event is not None]
                 if ended:
@@ -231,15 +277,26 @@ class SdbotReplica:
             if self._current is call:
                 self._current = None
 
-    async def load(self, model: str) -> LoadReply:
-        """Load `model` now (the bot's preload); its load records come back with the reply."""
+    async def load(
+        self, model: str, heartbeat_s: float = HEARTBEAT_S
+    ) -> AsyncIterator[list[Beat | LoadReply]]:
+        """Load `model` now (the bot's preload): heartbeats, then the reply with the load's
+        records."""
         records: list[Loaded] = []
         self._load_records = records
         try:
-            await self._models(model)
+            async with contextlib.aclosing(
+                _beating(self._models(model), heartbeat_s, Beat)
+            ) as beats:
+                async for beat in beats:
+                    yield [beat]
         finally:
             self._load_records = None
-        return LoadReply(self.engine.loaded_models, records)
+        yield [LoadReply(self.engine.loaded_models, records)]
+
+    def max_loaded(self) -> int:
+        """Models this replica keeps loaded (its own setting, which the bot plans by)."""
+        return self.engine.max_loaded
 
     def runs(self) -> list[RunRecord]:
         """This replica's recent calls, oldest first."""
