@@ -12,7 +12,8 @@ Robust by construction, so one run on a borrowed GPU gives a table whatever happ
 section runs in its own try/except and prints its error in its row; a total time guard skips
 sections that would not fit (`--time-limit`, default 240 s), and a watchdog prints the table so
 far and exits if a section overruns the limit by 45 s anyway: under 5 minutes on one H200.
-Rows print as they are measured too.
+The table prints row by row as the rows are measured (flushed), and torch.compile runs last, so
+every other row is out before its cold compiles start.
 
 `--quick` runs reduced shapes (128 px) on the CPU in well under a minute, so CI runs the
 script; rows that need CUDA print "n/a (no CUDA)".
@@ -88,15 +89,16 @@ def main(argv: list[str]) -> int:
             repeats=args.repeats or (1 if scale != "full" else 2),
             exact_batch=args.exact_batch,
         )
+        # The table is printed row by row as measured, flushed: a run stopped from outside
+        # (a borrowed GPU's timeout) has still shown every row it finished.
+        print(_HEADER, flush=True)
         for name in SECTIONS:
             if name not in wanted:
                 continue
             for row in _run(name, bench):
                 rows.append((name, row))
-                print(f"  {row.name}: {row.ours}" + (f"   [{row.anchor}]" if row.anchor else ""))
-                sys.stdout.flush()
-    print()
-    print(table(rows, time.monotonic() - started))
+                print(_line(name, row), flush=True)
+    print(f"\n(total {time.monotonic() - started:.0f} s)")
     return 0
 
 
@@ -119,14 +121,16 @@ def _run(name: str, bench: Bench) -> list[Row]:
 
 def table(rows: list[tuple[str, Row]], seconds: float) -> str:
     """The rows as one Markdown table."""
-    lines = [
-        "| section | measure | ours | published anchor |",
-        "|---|---|---|---|",
-    ]
-    for section, row in rows:
-        lines.append(f"| {section} | {row.name} | {row.ours} | {row.anchor} |")
+    lines = [_HEADER, *(_line(section, row) for section, row in rows)]
     lines.append(f"\n(total {seconds:.0f} s)")
     return "\n".join(lines)
+
+
+_HEADER = "| section | measure | ours | published anchor |\n|---|---|---|---|"
+
+
+def _line(section: str, row: Row) -> str:
+    return f"| {section} | {row.name} | {row.ours} | {row.anchor} |"
 
 
 def _short(exc: BaseException) -> str:

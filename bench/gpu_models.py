@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bot.tiny_model import MAX_TOKENS, build_tokenizer
+from bot.tiny_model import build_tokenizer, build_vae, euler_scheduler, text_config
 
 #: Per scale: (UNet channels per block, layers per block, attention head dim, text width,
 #: text layers, VAE channels per block, native size in pixels).
@@ -56,54 +56,25 @@ def native_size(family: str, scale: str) -> int:
 
 
 def _text_config(tokenizer: Any, width: int, layers: int, **extra: Any) -> Any:
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=width,
-        intermediate_size=4 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, width // 64),
-        max_position_embeddings=MAX_TOKENS,
-        projection_dim=width,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    # CLIP's proportions: 4x wide MLPs, 64-wide attention heads.
+    return text_config(
+        tokenizer,
+        width=width,
+        layers=layers,
+        intermediate=4 * width,
+        heads=max(1, width // 64),
         **extra,
     )
 
 
 def _vae(blocks: tuple[int, ...], *, scaling: float, layers: int, force_upcast: bool) -> Any:
-    import diffusers
-
-    d: Any = diffusers  # its constructors are unannotated
-    return d.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+    return build_vae(
         block_out_channels=blocks,
         layers_per_block=layers,
-        latent_channels=4,
         norm_num_groups=min(32, blocks[0]),
         sample_size=512,
         scaling_factor=scaling,
         force_upcast=force_upcast,
-    )
-
-
-def _scheduler() -> Any:
-    import diffusers
-
-    d: Any = diffusers
-    # SD's training noise schedule; Euler runs exactly `steps` UNet calls.
-    return d.EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
     )
 
 
@@ -136,7 +107,7 @@ def build_sd15(scale: str) -> Any:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=_scheduler(),
+        scheduler=euler_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -185,7 +156,7 @@ def build_sdxl(scale: str) -> Any:
         tokenizer=tokenizer,
         tokenizer_2=build_tokenizer(),
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=euler_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )

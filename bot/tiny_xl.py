@@ -15,35 +15,24 @@ from typing import Any
 
 import torch
 
-from bot.tiny_model import MAX_TOKENS, TINY_MODEL_SEED, build_tokenizer, build_vae, ensure_built
+from bot.tiny_model import (
+    TINY_MODEL_SEED,
+    build_tokenizer,
+    build_vae,
+    ensure_built,
+    euler_scheduler,
+    text_config,
+)
 
 #: Folder name under the cache dir; bump the suffix whenever the architecture or seed changes.
 TINY_XL_DIRNAME = "tiny-sdxl-v1"
 
 #: Each text encoder's width; the UNet's cross-attention takes both side by side.
 _TEXT_DIM = 32
-#: Pooled text embeddings of the second encoder (SDXL: 1280).
-_POOLED_DIM = 32
+#: Pooled text embeddings of the second encoder (SDXL: 1280): its projection, as wide as it.
+_POOLED_DIM = _TEXT_DIM
 #: Width of each of the six size/crop "time ids" (SDXL: 256).
 _TIME_ID_DIM = 8
-
-
-def _text_config(tokenizer: Any) -> Any:
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=_TEXT_DIM,
-        intermediate_size=64,
-        # SDXL reads the penultimate hidden state; three layers keep it a transformed one.
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_TOKENS,
-        projection_dim=_POOLED_DIM,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def build_tiny_xl() -> Any:
@@ -75,18 +64,10 @@ def build_tiny_xl() -> Any:
     # SDXL's VAE scaling, and its flag that fp16 decoding needs an upcast.
     vae = build_vae(scaling_factor=0.13025, force_upcast=True)
     torch.manual_seed(TINY_MODEL_SEED)
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    # SDXL reads the penultimate hidden state; three layers keep it a transformed one.
+    text_encoder = CLIPTextModel(text_config(tokenizer, width=_TEXT_DIM, layers=3))
     torch.manual_seed(TINY_MODEL_SEED + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer))
-    # SDXL base's noise schedule (the SD 1.x one, Euler, leading spacing).
-    scheduler = d.EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer, width=_TEXT_DIM, layers=3))
     return d.StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -94,7 +75,7 @@ def build_tiny_xl() -> Any:
         tokenizer=tokenizer,
         tokenizer_2=build_tokenizer(),
         unet=unet,
-        scheduler=scheduler,
+        scheduler=euler_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )

@@ -8,12 +8,17 @@ loaded through the bot's Engine, and every timing goes through a real generate()
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench import gpu_bench, gpu_sections
 from bench.gpu_sections import Bench, Row
 from bot.cli import main as cli_main
+
+ANCHOR = "A100: 21.7 -> 44.0 it/s"
 
 
 def rows_of(output: str) -> dict[str, str]:
@@ -64,3 +69,54 @@ def test_a_failing_section_reports_in_its_row_and_the_late_ones_are_skipped(
     # The build always runs (every other row needs its model); the rest waits for time.
     assert "build random SD 1.5 (tiny)" in rows
     assert rows["exact"].startswith("n/a (time guard:")
+
+
+def test_compile_runs_last_after_every_other_row_is_printed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inductor's cold compiles can take minutes on a GPU: every other row must already be out
+    # (printed and flushed as table lines) when compile starts, so a run stopped during it
+    # still shows them.
+    assert list(gpu_sections.SECTIONS)[-1] == "compile"
+    seen: dict[str, str] = {}
+
+    def compile_probe(bench: Bench) -> list[Row]:
+        seen.update(rows_of(capsys.readouterr().out))
+        return [Row("probe", "ran")]
+
+    def quick(name: str) -> object:
+        return lambda bench: [Row(f"{name} row", "done")]
+
+    for name in gpu_sections.SECTIONS:
+        if name not in ("build", "compile"):
+            monkeypatch.setitem(gpu_sections.SECTIONS, name, quick(name))
+    monkeypatch.setitem(gpu_sections.SECTIONS, "compile", compile_probe)
+    monkeypatch.setattr(gpu_bench, "SECTIONS", gpu_sections.SECTIONS)
+    assert gpu_bench.main(["--quick", "--scale", "tiny", "--time-limit", "900"]) == 0
+    others = [name for name in gpu_sections.SECTIONS if name not in ("build", "compile")]
+    assert {f"{name} row" for name in others} <= set(seen)
+    assert "build random SD 1.5 (tiny)" in seen
+    assert "| compile | probe | ran |" in capsys.readouterr().out
+
+
+def test_batch_4_compiles_only_when_a_second_compile_fits_and_keeps_the_batch_1_row(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A first compile of 200 s: 500 s left is enough for the section, not for another 260 s
+    # compile after it has taken its time. (The timings are stubbed: no GPU here.)
+    clock = {"now": 0.0}
+
+    def first_call(fn: object) -> tuple[float, None]:
+        clock["now"] += 260.0
+        return 200.0, None
+
+    monkeypatch.setattr(gpu_sections.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(gpu_sections, "timed", first_call)
+    monkeypatch.setattr(gpu_sections, "denoise_rate", lambda *a, **k: SimpleNamespace(rate=3.0))
+    bench = Bench(torch.device("cpu"), "tiny", tmp_path, 500.0, 2, 1, 4, {"sd15": tmp_path})
+    monkeypatch.setattr(bench, "cuda", lambda: None)
+    monkeypatch.setattr(bench, "engine", lambda **options: None)
+    rows = gpu_sections.compiled(bench)
+    assert rows[0] == Row("SD 1.5 64px batch 1 compiled", "3.00 it/s (first call 200 s)", ANCHOR)
+    assert rows[1].name == "SD 1.5 64px batch 4 compiled"
+    assert rows[1].ours == "n/a (time guard: 240 s left, needs about 260 s)"

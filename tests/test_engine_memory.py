@@ -29,19 +29,21 @@ from tests.test_executor import db, finished, gpu_held, origin, req, running  # 
 # -- dtype, TF32, allocator ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+@pytest.mark.parametrize(("major", "expected"), [(8, torch.bfloat16), (7, torch.float16)])
 def test_auto_dtype_is_bf16_where_the_card_has_it_else_fp16(
-    monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: torch.dtype
+    monkeypatch: pytest.MonkeyPatch, major: int, expected: torch.dtype
 ) -> None:
-    asked: list[bool] = []
+    asked: list[torch.device] = []
 
-    def supported(including_emulation: bool = True) -> bool:
-        asked.append(including_emulation)
-        return bf16
+    def capability(device: torch.device) -> tuple[int, int]:
+        asked.append(device)
+        return major, 0
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     assert resolve_dtype("auto", torch.device("cuda")) == expected
-    assert asked == [False]  # emulated bf16 (pre-Ampere) is slow: native only
+    # Native bf16 only (Ampere and later: emulated bf16 is slow), of the engine's device.
+    assert asked == [torch.device("cuda")]
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("float16", torch.device("cuda")) == torch.float16
 

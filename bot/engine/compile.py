@@ -27,11 +27,17 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from bot.engine.decode import decode_latents
+from bot.engine.device import is_oom
+from bot.engine.loading import native_size
+from bot.errors import without_frames
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +72,33 @@ class _Bucketed:
             self.eager_calls += 1
             return self.original(sample, *args, **kwargs)
         key = (tuple(sample.shape), sample.dtype, sample.device)
-        self.compiled_calls += 1
         if key in self.graphs:
+            self.compiled_calls += 1
             return self.compiled(sample, *args, **kwargs)
-        self.graphs.add(key)
         start = time.perf_counter()
-        out = self.compiled(sample, *args, **kwargs)
+        failed = False
+        try:
+            out = self.compiled(sample, *args, **kwargs)
+        except Exception as exc:
+            if is_oom(exc):
+                raise  # the batch is too big, not the compile broken: the engine splits it
+            # A compile that fails (no C compiler, a Triton mismatch, OOM in autotuning) would
+            # fail again on every later call: this module runs eager from now on. The eager
+            # call runs outside the handler, so the failed attempt's frames are freed first;
+            # the log gets the traceback as text, not the frames (a handler may keep records).
+            self.sizes = set()
+            failed = True
+            log.warning(
+                "compiling %s failed; it runs eager from now on: %s",
+                self.name,
+                "".join(traceback.format_exception(exc)).strip()[-2000:],
+            )
+            without_frames(exc)
+        if failed:
+            self.eager_calls += 1
+            return self.original(sample, *args, **kwargs)
+        self.compiled_calls += 1
+        self.graphs.add(key)
         log.info(
             "compiled %s for %s in %.1f s (%d graphs)",
             self.name,
@@ -98,13 +125,14 @@ class Compiler:
         self,
         *,
         buckets: Sequence[tuple[int, int]] | None = None,
-        backend: str = "inductor",
+        backend: str | Callable[..., Any] = "inductor",
         mode: str | None = None,
         warm_up: bool = True,
         max_graphs: int = MAX_GRAPHS,
     ) -> None:
         """buckets: (width, height) sizes to compile for; None: each model's native size.
-        backend / mode: passed to torch.compile ("inductor", or "aot_eager" in tests)."""
+        backend / mode: passed to torch.compile ("inductor", or "aot_eager" or a backend
+        function in tests)."""
         self.buckets = tuple(buckets) if buckets is not None else None
         self.backend = backend
         self.mode = mode
@@ -125,8 +153,7 @@ class Compiler:
         """(width, height) buckets for `pipe`'s model."""
         if self.buckets is not None:
             return list(self.buckets)
-        native = int(pipe.unet.config.sample_size) * _vae_scale(pipe)
-        return [(native, native)]
+        return [native_size(pipe)]
 
     def prepare(self, loaded: Any, pipe: Any) -> None:
         """Compile `pipe`'s UNet and VAE decoder (the first time they are seen) and warm up.
@@ -150,7 +177,11 @@ class Compiler:
             module.forward = part
         if self.warm_up:
             # The txt2img pipeline: the inpainting one would need an image and a mask.
-            self._warm_up(name, getattr(loaded, "base", pipe))
+            entry = getattr(loaded, "entry", None)
+            default = getattr(entry, "guidance", None)
+            self._warm_up(
+                name, getattr(loaded, "base", pipe), 5.0 if default is None else float(default)
+            )
 
     def graphs(self, pipe: Any) -> int:
         """How many graphs `pipe`'s modules have compiled (0 when not prepared)."""
@@ -161,8 +192,9 @@ class Compiler:
         parts = _parts(pipe)
         return sum(p.compiled_calls for p in parts), sum(p.eager_calls for p in parts)
 
-    def _warm_up(self, name: str, pipe: Any) -> None:
-        guidance = 1.0 if pipe.unet.config.time_cond_proj_dim is not None else 5.0
+    def _warm_up(self, name: str, pipe: Any, guidance: float) -> None:
+        """`guidance`: the model's default, so the UNet graph warmed is the one members get
+        when they do not say (CFG off, batch of one, for a turbo model; CFG on otherwise)."""
         for width, height in self.sizes(pipe):
             start = time.perf_counter()
             try:
@@ -177,7 +209,9 @@ class Compiler:
                         guidance_scale=guidance,
                         output_type="latent",
                     ).images
-                    pipe.vae.decode(latents[:1] / float(pipe.vae.config.scaling_factor))
+                    # The engine's decode itself: an fp16 SDXL VAE (force_upcast) warms
+                    # its float32 graph, the one every decode runs.
+                    decode_latents(pipe, latents[:1], model=name)
             except Exception:
                 log.warning(
                     "compile warm-up of %s at %dx%d failed", name, width, height, exc_info=True

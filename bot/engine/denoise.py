@@ -110,9 +110,11 @@ def safety_flags(
     device: torch.device,
     dtype: torch.dtype,
     checker: SafetyChecker | None = None,
+    shared: tuple[Any, Any] = (None, None),
 ) -> list[bool]:
     """Per image: flagged by `checker` when one is given, else by the model's own safety
-    checker (all False when it has none)."""
+    checker, else by `shared` (the engine's shared checker module and its feature extractor:
+    SDXL pipelines have no checker of their own); all False when there is none."""
     if checker is not None:
         if not images:
             return []
@@ -122,14 +124,19 @@ def safety_flags(
             # Better no image than an unchecked one: the job fails (GenerationFailed).
             raise ValueError(f"the safety checker gave {len(flags)} verdicts for {len(images)}")
         return flags
-    return _pipeline_flags(pipe, images, device=device, dtype=dtype)
+    own = getattr(pipe, "safety_checker", None), getattr(pipe, "feature_extractor", None)
+    module, extractor = own if None not in own else shared
+    return _module_flags(module, extractor, images, device=device, dtype=dtype)
 
 
-def _pipeline_flags(
-    pipe: Any, images: list[Image.Image], *, device: torch.device, dtype: torch.dtype
+def _module_flags(
+    checker: Any,
+    extractor: Any,
+    images: list[Image.Image],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> list[bool]:
-    checker = getattr(pipe, "safety_checker", None)
-    extractor = getattr(pipe, "feature_extractor", None)
     if checker is None or extractor is None or not images:
         return [False] * len(images)
     features = extractor(images, return_tensors="pt").pixel_values

@@ -81,7 +81,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.float32
         # bf16 has fp32's range, so the VAE and attention do not overflow into black images
         # as fp16 can; emulated bf16 (pre-Ampere) is slow, so only native support counts.
-        if torch.cuda.is_bf16_supported(including_emulation=False):
+        # The engine's device, not torch's current one (is_bf16_supported's): on a machine
+        # with mixed cards they differ. ROCm cards all have it.
+        if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8:
             return torch.bfloat16
         return torch.float16
     try:

@@ -94,6 +94,7 @@ class Engine:
         #: Models whose half-precision VAE needed an fp32 re-decode (logged once each).
         self._upcast_logged: set[str] = set()
         self.adapters = Adapters(self.catalog)
+        self._entries: dict[str, ModelEntry | None] = {}
         #: Run the UNet once per image inside a batched call, so a batched image is
         #: bit-identical to a solo run with its seed. Kernels pick other summation orders for
         #: other batch sizes (on CPU the UNet's output moves by ~2e-6, which flips ~10 of
@@ -177,7 +178,7 @@ class Engine:
         if free is None:
             return NO_BATCH_LIMIT
         entry = self._entry(request.model)
-        if entry is None or not self.models.is_loaded(entry.name):
+        if entry is None or not self.models.holds(entry):
             # Its weights will take room before the batch runs.
             free -= self.models.residency.expected_bytes(None if entry is None else entry.name)
         xl = entry is not None and getattr(entry, "family", None) == "sdxl"
@@ -190,10 +191,14 @@ class Engine:
         return memory_stats(self.device)
 
     def _entry(self, model: str) -> ModelEntry | None:
-        try:
-            return self.catalog.resolve(model)
-        except InvalidRequest:
-            return None
+        # Cached per model string: a model named by its source resolves by reading its files
+        # (its native size), and batch_limit runs under the dispatcher's lock.
+        if model not in self._entries:
+            try:
+                self._entries[model] = self.catalog.resolve(model)
+            except InvalidRequest:
+                self._entries[model] = None
+        return self._entries[model]
 
     def native_size(self, source: str) -> tuple[int, int]:
         """(width, height) the model was trained at; other sizes work but may look worse."""
@@ -263,9 +268,15 @@ class Engine:
                     )
                 ]
 
-                # 9. Run the safety checker (ours, else the model's)
+                # 9. Run the safety checker (ours, else the model's, else the shared one)
+                residency = self.models.residency
                 nsfw = safety_flags(
-                    pipe, images, device=self.device, dtype=self.dtype, checker=self.safety_checker
+                    pipe,
+                    images,
+                    device=self.device,
+                    dtype=self.dtype,
+                    checker=self.safety_checker,
+                    shared=(residency.safety_checker, residency.feature_extractor),
                 )
         failed = failures.take()
         if failed is not None:

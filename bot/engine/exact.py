@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from bot.engine.patching import patched
+
 
 class _Indexes:
     """Image i's rows of a batch of `total` rows, one index tensor per image, made once."""
@@ -49,10 +51,9 @@ def per_image_unet(unet: Any, images: int, *, enabled: bool) -> Iterator[None]:
     if not enabled or images <= 1:
         yield
         return
+    # The instance's own forward (torch.compile's dispatcher, bot/engine/compile.py) when it
+    # has one; `patched` puts it back afterwards.
     original = unet.forward
-    # A forward set on the instance (torch.compile's dispatcher, bot/engine/compile.py) is
-    # put back afterwards rather than deleted.
-    had_own = "forward" in vars(unet)
     indexes = _Indexes(images)
 
     def forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -105,11 +106,5 @@ def per_image_unet(unet: Any, images: int, *, enabled: bool) -> Iterator[None]:
 
         return UNet2DConditionOutput(sample=out)
 
-    unet.forward = forward
-    try:
+    with patched(unet, "forward", forward):
         yield
-    finally:
-        if had_own:
-            unet.forward = original
-        else:
-            del unet.forward

@@ -9,9 +9,9 @@ sharing its weights.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,11 +22,11 @@ import torch
 
 from bot.catalog import Catalog, ModelEntry
 from bot.engine.device import free_memory, is_oom
-from bot.engine.memory import MemoryProbe
+from bot.engine.memory import MB, MemoryProbe, module_bytes, pipeline_modules
 from bot.engine.residency import Residency
 from bot.engine.results import LoadRecord
 from bot.engine.sources import load_error, locate, model_family, public_error
-from bot.errors import InvalidRequest, ModelLoadError, SettingsError
+from bot.errors import InvalidRequest, ModelLoadError, SettingsError, without_frames
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ class LoadedModels:
             return None
         return next(reversed(self._models.values())).entry.source
 
+    def holds(self, entry: ModelEntry) -> bool:
+        """Whether the resolved `entry` is loaded (no catalog lookup: see is_loaded)."""
+        return entry.name in self._models
+
     def is_loaded(self, model: str) -> bool:
         try:
             return self.catalog.resolve(model).name in self._models
@@ -139,7 +143,7 @@ class LoadedModels:
         self._models[entry.name] = loaded
         residency.loaded(entry.name, loaded.base)
         residency.trim(self._models)
-        memory = _module_megabytes(loaded.base)
+        memory = module_bytes(pipeline_modules(loaded.base)) / MB
         self._report(entry, started, ok=True, memory_mb=memory, error=None)
         log.info(
             "loaded model %s (%s) on %s as %s%s: %.0f MB",
@@ -252,23 +256,39 @@ class LoadedModels:
         except Exception as exc:
             raise load_error(entry, kind, location, exc) from exc
         pipe.set_progress_bar_config(disable=True)
+        failed: str | None = None
+        oom = False
         try:
             pipe.to(self.device)
         except Exception as exc:
-            del pipe
-            free_memory(self.device)
-            if is_oom(exc):
-                raise ModelLoadError(
-                    f"Model `{entry.public_name}` does not fit in the memory of {self.device}. "
-                    "Lower SDBOT_MAX_LOADED_MODELS, use SDBOT_DTYPE=float16, or pick a smaller "
-                    "model."
-                ) from exc
-            log.error("moving model %s to %s failed", entry.name, self.device, exc_info=exc)
+            oom = is_oom(exc)
+            failed = public_error(exc, location)
+            if not oom:
+                # The traceback as text: a log handler may keep records, and the frames in
+                # them would keep the half-moved modules alive.
+                log.error(
+                    "moving model %s to %s failed: %s",
+                    entry.name,
+                    self.device,
+                    "".join(traceback.format_exception(exc)).strip(),
+                )
+            without_frames(exc)
+        if failed is None:
+            return pipe
+        # Outside the handler (the Residency.restore pattern): no frame holds the half-moved
+        # modules any more, so they go with `pipe` and their device memory is freed.
+        del pipe
+        free_memory(self.device)
+        if oom:
             raise ModelLoadError(
-                f"Model `{entry.public_name}` loaded but could not be moved to {self.device} "
-                f"({public_error(exc, location)})."
-            ) from exc
-        return pipe
+                f"Model `{entry.public_name}` does not fit in the memory of {self.device}. "
+                "Lower SDBOT_MAX_LOADED_MODELS, use SDBOT_DTYPE=float16, or pick a smaller "
+                "model."
+            )
+        raise ModelLoadError(
+            f"Model `{entry.public_name}` loaded but could not be moved to {self.device} "
+            f"({failed})."
+        )
 
 
 def _from_pretrained(
@@ -295,17 +315,3 @@ def native_size(pipe: Any) -> tuple[int, int]:
     # diffusers stores sample_size as an int or as (height, width).
     height, width = (sample, sample) if isinstance(sample, int) else (sample[0], sample[1])
     return int(width) * scale, int(height) * scale
-
-
-def _module_megabytes(pipe: Any) -> float:
-    """Weights and buffers of the pipeline's modules, each shared module counted once."""
-    seen: set[int] = set()
-    total = 0
-    for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for tensor in itertools.chain(component.parameters(), component.buffers()):
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
-    return total / 2**20

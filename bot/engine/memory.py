@@ -121,21 +121,63 @@ def move_modules(pipe: Any, device: torch.device, *, skip: object = None) -> Non
     CUDA device for the CPU, so that moving back is a fast asynchronous copy."""
     for module in pipeline_modules(pipe, skip=skip):
         first = next(itertools.chain(module.parameters(), module.buffers()), None)
-        pin = device.type == "cpu" and first is not None and first.is_cuda
-        # From pinned memory to the device the copy is asynchronous (later kernels on the
-        # stream wait for it); to pageable memory it must not be.
-        module.to(device, non_blocking=not pin)
-        if pin:
-            _pin(module)
+        if device.type == "cpu" and first is not None and first.is_cuda:
+            _to_pinned(module)
+        else:
+            # From pinned memory to the device the copy is asynchronous (later kernels on the
+            # stream wait for it).
+            module.to(device, non_blocking=True)
 
 
-def _pin(module: torch.nn.Module) -> None:
-    try:
+def _to_pinned(module: torch.nn.Module) -> None:
+    """The module's tensors from the device straight into pinned RAM: one copy each (not to
+    pageable RAM and then again to pinned)."""
+    pinning = True
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if not tensor.is_cuda:
+            continue
+        if pinning:
+            try:
+                pinned = torch.empty_like(tensor, device="cpu", pin_memory=True)
+            except RuntimeError as exc:  # e.g. a container's locked-memory limit
+                log.warning(
+                    "could not pin model weights in RAM (%s); switching back will be slower", exc
+                )
+                pinning = False
+        if not pinning:
+            pinned = torch.empty_like(tensor, device="cpu")
+        # Blocking: the CPU copy must be complete before the device memory is reused.
+        tensor.data = pinned.copy_(tensor.data)
+
+
+def pinned_bytes(size: int) -> int:
+    """RAM a pinned tensor of `size` bytes takes: torch's caching host allocator rounds each
+    allocation up to a power of two (CachingHostAllocator.h, torch 2.13), so a model's
+    pinned copy can take up to twice its weights."""
+    return 1 << max(0, size - 1).bit_length() if size > 0 else 0
+
+
+def ram_bytes(modules: Iterator[torch.nn.Module], *, pinned: bool) -> int:
+    """RAM the tensors of `modules` take in the RAM tier, each tensor counted once: with
+    `pinned`, as the caching host allocator rounds them."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
         for tensor in itertools.chain(module.parameters(), module.buffers()):
-            if not tensor.is_pinned():
-                tensor.data = tensor.data.pin_memory()
-    except RuntimeError as exc:  # e.g. a container's locked-memory limit
-        log.warning("could not pin model weights in RAM (%s); switching back will be slower", exc)
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                size = tensor.numel() * tensor.element_size()
+                total += pinned_bytes(size) if pinned else size
+    return total
+
+
+def release_pinned() -> None:
+    """Give the pinned blocks torch's caching host allocator keeps after their tensors are
+    freed (a model moved back to the device, or dropped from the RAM tier) back to the OS;
+    otherwise the tier's RAM is never returned. CUDA builds only."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 T = TypeVar("T")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from bot.engine.patching import patched
 from bot.engine.results import (
     SD_LATENT_RGB,
     SDXL_LATENT_RGB,
@@ -92,7 +93,6 @@ def capture_x0(pipe: Any, holder: X0) -> Iterator[X0]:
         yield holder
         return
     original = scheduler.step
-    had_own = "step" in vars(scheduler)
 
     @functools.wraps(original)
     def step(*args: Any, **kwargs: Any) -> Any:
@@ -100,15 +100,8 @@ def capture_x0(pipe: Any, holder: X0) -> Iterator[X0]:
         holder.latest = _x0_from(scheduler, output)
         return output
 
-    scheduler.step = step
-    try:
+    with patched(scheduler, "step", step):
         yield holder
-    finally:
-        # An instance attribute shadows the class's method: put back what was there.
-        if had_own:
-            scheduler.step = original
-        else:
-            del scheduler.step
 
 
 class Previews:

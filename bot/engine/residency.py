@@ -10,8 +10,11 @@ loaded models and the loading itself):
   SDBOT_RAM_CACHE_MB instead of being dropped, least recently evicted dropped first, so
   switching back is a copy, not a disk load. On CPU they are in RAM already: the tier keeps
   the pipeline object instead of dropping it.
-- **One safety checker** for every model: the first loaded model's; later models' own copies
-  are replaced by it (they are the same CompVis classifier) and never moved to the RAM tier.
+- **One safety checker** for every model: the first loaded model's, with its feature
+  extractor; later models' own copies are replaced by it (they are the same CompVis
+  classifier) and never moved to the RAM tier. Models without one (SDXL pipelines have no
+  checker, nor do checker-less fine-tunes) are checked with it too: it works on any RGB image.
+  Before any model with a checker has loaded there is nothing to check with.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from bot.engine.memory import (
     module_bytes,
     move_modules,
     pipeline_modules,
+    ram_bytes,
+    release_pinned,
     working_margin,
 )
 from bot.engine.sources import public_error
@@ -62,6 +67,8 @@ class Residency:
         self.ram: RamTier[Any] = RamTier(ram_cache_mb)
         #: The one safety checker all models share: the first loaded model's that has one.
         self.safety_checker: Any = None
+        #: The feature extractor that came with it (CLIP preprocessing of its inputs).
+        self.feature_extractor: Any = None
         #: Device memory free after the last load or run (None: no probe on this device, or
         #: nothing measured yet: construction does not touch CUDA, the GPU thread does).
         self.free_bytes: int | None = None
@@ -108,7 +115,10 @@ class Residency:
 
     def _evict_oldest(self, models: OrderedDict[str, M], newcomer: str) -> None:
         name, model = models.popitem(last=False)
-        size = self._sizes.get(name, 0)
+        # What it takes in RAM, as the budget counts it: pinned copies (from CUDA) take each
+        # tensor rounded up to a power of two.
+        modules = pipeline_modules(model.base, skip=self.safety_checker)
+        size = ram_bytes(modules, pinned=self.device.type == "cuda") if self.ram.budget else 0
         if self.ram.fits(size):
             move_modules(model.base, torch.device("cpu"), skip=self.safety_checker)
             for dropped in self.ram.put(name, model, size):
@@ -118,6 +128,7 @@ class Residency:
             log.info("evicting model %s to make room for %s", name, newcomer)
         del model
         free_memory(self.device)
+        release_pinned()  # the pinned blocks of models dropped from the tier
 
     def restore(self, models: OrderedDict[str, M], entry: ModelEntry, ceiling: int) -> M:
         """`entry`'s model from the RAM tier back on the device: a copy, not a disk load."""
@@ -132,11 +143,13 @@ class Residency:
             failed = public_error(exc, entry.source)
             without_frames(exc)
         if failed is None:
+            release_pinned()  # its pinned copy is free now: back to the OS, not torch's cache
             return kept
         # Outside the handler, so the half-moved weights can go; the model is read from disk
         # the next time.
         del kept
         free_memory(self.device)
+        release_pinned()
         raise ModelLoadError(
             f"Model `{entry.public_name}` could not be moved back to {self.device} ({failed})."
         )
@@ -147,7 +160,11 @@ class Residency:
         if own is None:
             return
         if self.safety_checker is None:
+            extractor = getattr(pipe, "feature_extractor", None)
+            if extractor is None:
+                return  # a checker without its preprocessing cannot check other models
             self.safety_checker = own
+            self.feature_extractor = extractor
         elif own is not self.safety_checker:
             pipe.register_modules(safety_checker=self.safety_checker)
 
@@ -155,8 +172,12 @@ class Residency:
         """Drop `name` (None: everything, the shared checker too) from the RAM tier; whether
         it held something."""
         if name is not None:
-            return self.ram.take(name) is not None
-        held = bool(self.ram.names())
-        self.ram.clear()
-        self.safety_checker = None
+            held = self.ram.take(name) is not None
+        else:
+            held = bool(self.ram.names())
+            self.ram.clear()
+            self.safety_checker = self.feature_extractor = None
+        if held:
+            free_memory(self.device)  # collect the dropped models first: their blocks free up
+            release_pinned()
         return held

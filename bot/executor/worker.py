@@ -176,8 +176,7 @@ class Worker(Generic[E]):
                 try:
                     result, error = fn(), None
                 except BaseException as exc:
-                    # Without its frames: the future keeps the error, and on a GPU the frames
-                    # would keep the failed call's tensors alive for as long as it does.
+                    # Frameless: the future keeps it, and frames would keep the call's tensors.
                     result, error = None, without_frames(exc)
                 # Book-keeping first (loaded models, busy time), so whoever awaits the call
                 # sees a status that already includes it.
