@@ -212,21 +212,15 @@ class GenerationEngine(Protocol):
     def loaded_models(self) -> list[str]: ...
 
 
-class LoadRecordLike(Protocol):
-    @property
-    def model(self) -> str: ...
+@dataclass(frozen=True)
+class LoadRecord:
+    """One model load attempt, reported by an engine's `on_load` (the executor stores it).
 
-    @property
-    def source(self) -> str: ...
+    Plain data, so a local engine and a remote replica (bot.serve) report the same type."""
 
-    @property
-    def ok(self) -> bool: ...
-
-    @property
-    def seconds(self) -> float: ...
-
-    @property
-    def memory_mb(self) -> float | None: ...
-
-    @property
-    def error(self) -> str | None: ...
+    model: str
+    source: str
+    ok: bool
+    seconds: float
+    memory_mb: float | None
+    error: str | None

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
+from bot.backend import LoadRecord
 from bot.catalog import Catalog, ModelEntry
 from bot.engine.device import free_memory, is_oom
 from bot.engine.memory import MB, MemoryProbe, module_bytes, pipeline_modules
 from bot.engine.residency import Residency
-from bot.engine.results import LoadRecord
 from bot.engine.sources import load_error, locate, model_family, public_error
 from bot.errors import InvalidRequest, ModelLoadError, SettingsError, without_frames
 

@@ -44,18 +44,6 @@ PreviewDecoder = Callable[[torch.Tensor], Image.Image]
 
 
 @dataclass(frozen=True)
-class LoadRecord:
-    """One model load attempt, reported to `Engine.on_load` (the executor stores it)."""
-
-    model: str
-    source: str
-    ok: bool
-    seconds: float
-    memory_mb: float | None
-    error: str | None
-
-
-@dataclass(frozen=True)
 class StepInfo:
     """Progress of one pipeline call, passed to `on_step` after every denoising step."""
 

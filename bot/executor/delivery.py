@@ -21,7 +21,7 @@ from bot.backend import (
     Failed,
     Finished,
     Loading,
-    LoadRecordLike,
+    LoadRecord,
     Progress,
     ResultLike,
     Started,
@@ -252,18 +252,18 @@ class ModelLoadRecorder:
         self._loop = loop or asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __call__(self, record: LoadRecordLike) -> None:
+    def __call__(self, record: LoadRecord) -> None:
         try:
             self._loop.call_soon_threadsafe(self._start, record)
         except RuntimeError:  # the loop is closed: the process is exiting
             log.info("model load of %s not recorded: event loop closed", record.model)
 
-    def _start(self, record: LoadRecordLike) -> None:
+    def _start(self, record: LoadRecord) -> None:
         task = self._loop.create_task(self._write(record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _write(self, record: LoadRecordLike) -> None:
+    async def _write(self, record: LoadRecord) -> None:
         try:
             await self.db.record_model_load(
                 model=record.model,

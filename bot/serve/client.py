@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image
 
-from bot.backend import LoadRecordLike, StepInfoLike
+from bot.backend import LoadRecord, StepInfoLike
 from bot.errors import GenerationFailed, ReplicaLost, SdbotError
 from bot.jobs import GenerationRequest
 from bot.serve.protocol import (
@@ -45,7 +45,6 @@ from bot.serve.protocol import (
     Done,
     GeneratePayload,
     Hello,
-    Loaded,
     LoadReply,
     RemoteResult,
     Step,
@@ -65,7 +64,7 @@ class ServeLink:
     handle: Any  # ray.serve.handle.DeploymentHandle to the SdbotReplica deployment
     preview_every: int = 5
     #: Called with each model load attempt on a replica (the executor's load recorder).
-    on_load: Callable[[LoadRecordLike], None] | None = None
+    on_load: Callable[[LoadRecord], None] | None = None
     #: The replica merges steps closer together than this (0 = every step, for tests).
     step_interval_s: float = STEP_INTERVAL_S
     #: How often a replica says it is still working, and how long the bot waits for a word.
@@ -122,11 +121,11 @@ class ServeEngine:
         return self._max_loaded
 
     @property
-    def on_load(self) -> Callable[[LoadRecordLike], None] | None:
+    def on_load(self) -> Callable[[LoadRecord], None] | None:
         return self.link.on_load
 
     @on_load.setter
-    def on_load(self, callback: Callable[[LoadRecordLike], None] | None) -> None:
+    def on_load(self, callback: Callable[[LoadRecord], None] | None) -> None:
         # Shared: the runner sets it on the first worker's engine, and it is meant for all.
         self.link.on_load = callback
 
@@ -226,7 +225,7 @@ class ServeEngine:
                         if 0 < event.step < event.total and on_step is not None:
                             step.step, step.total = event.step, event.total
                             on_step(step)
-                    elif isinstance(event, Loaded):
+                    elif isinstance(event, LoadRecord):
                         self._records([event])
                     elif isinstance(event, Hello):
                         replicas.append(event.replica)
@@ -241,7 +240,7 @@ class ServeEngine:
                     response.cancel()
         raise GenerationFailed("The image server ended the job without its images.")
 
-    def _records(self, records: Sequence[Loaded]) -> None:
+    def _records(self, records: Sequence[LoadRecord]) -> None:
         callback = self.link.on_load
         if callback is None:
             return

@@ -1,7 +1,7 @@
 """What the bot and a Serve replica send each other: plain, picklable data, no Ray.
 
 One `generate` call streams lists of events (as few items as keep progress live); in order:
-`Hello` (which replica took it), any number of `Loaded` (a model load attempt, for the bot's
+`Hello` (which replica took it), any number of `LoadRecord` (a model load attempt, for the bot's
 load log), `Step` (progress, with PNG previews at the executor's interval) and `Beat`, then
 one `Done` with the images as raw arrays (no PNG encoding on the replica: the bot's delivery
 encodes them, off its worker thread, as it does for the local engine). A `load` call streams
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from bot.backend import LoadRecord
 
 if TYPE_CHECKING:
     from bot.jobs import GenerationRequest
@@ -48,18 +50,6 @@ class GeneratePayload:
 class Hello:
     replica: str  # Serve's id of the replica
     pid: int
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """A `bot.engine.LoadRecord`'s fields (the record type lives with torch, in bot.engine)."""
-
-    model: str
-    source: str
-    ok: bool
-    seconds: float
-    memory_mb: float | None
-    error: str | None
 
 
 @dataclass(frozen=True)
@@ -128,7 +118,7 @@ class Done:
 @dataclass(frozen=True)
 class LoadReply:
     loaded: list[str]
-    records: list[Loaded] = field(default_factory=list)
+    records: list[LoadRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -144,7 +134,7 @@ class RunRecord:
     done: bool  # the engine thread has left the call
 
 
-Event = Hello | Loaded | Step | Beat | Done
+Event = Hello | LoadRecord | Step | Beat | Done
 
 
 def png(image: Image.Image) -> bytes:

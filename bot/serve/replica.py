@@ -46,7 +46,6 @@ from bot.serve.protocol import (
     Event,
     GeneratePayload,
     Hello,
-    Loaded,
     LoadReply,
     ResultData,
     RunRecord,
@@ -75,12 +74,6 @@ def build_engine(settings: Settings) -> Engine:
         max_loaded=settings.max_loaded_models,
         ram_cache_mb=settings.ram_cache_mb,
         compile=settings.compile,
-    )
-
-
-def _loaded(record: LoadRecord) -> Loaded:
-    return Loaded(
-        record.model, record.source, record.ok, record.seconds, record.memory_mb, record.error
     )
 
 
@@ -186,7 +179,7 @@ class SdbotReplica:
         self.engine.on_load = self._on_load
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdbot-replica")
         self._current: _Call | None = None
-        self._load_records: list[Loaded] | None = None
+        self._load_records: list[LoadRecord] | None = None
         self._runs: deque[RunRecord] = deque(maxlen=RUN_LOG)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -219,14 +212,13 @@ class SdbotReplica:
 
     def _on_load(self, record: LoadRecord) -> None:
         """Engine thread: a load attempt, sent to the bot with the call that caused it."""
-        loaded = _loaded(record)
         if self._load_records is not None:
-            self._load_records.append(loaded)
+            self._load_records.append(record)
         elif self._current is not None:
-            self._current.post(loaded)
+            self._current.post(record)
 
     async def generate(self, payload: GeneratePayload) -> AsyncIterator[list[Event]]:
-        """Stream one batch: Hello, Loaded*/Step*/Beat*, Done, in as few items as keep
+        """Stream one batch: Hello, LoadRecord*/Step*/Beat*, Done, in as few items as keep
         progress live (each streamed item costs a few ms): Hello rides with the first step,
         events that piled up go together, the last step waits for Done, and a Beat goes when
         nothing else did for `payload.heartbeat_s`. Cancelling the request stops the engine at
@@ -282,7 +274,7 @@ class SdbotReplica:
     ) -> AsyncIterator[list[Beat | LoadReply]]:
         """Load `model` now (the bot's preload): heartbeats, then the reply with the load's
         records."""
-        records: list[Loaded] = []
+        records: list[LoadRecord] = []
         self._load_records = records
         try:
             async with contextlib.aclosing(
