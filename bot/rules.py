@@ -164,7 +164,7 @@ async def _check_cooldown_and_quota(
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     since = midnight.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    images, gpu_seconds, last = await svc.db.usage_since(guild_id, user_id, since)
+    images, pending, gpu_seconds, last = await svc.db.usage_since(guild_id, user_id, since)
     if config.cooldown_seconds and last:
         ready = datetime.fromisoformat(last.replace("Z", "+00:00")) + timedelta(
             seconds=config.cooldown_seconds
@@ -183,7 +183,6 @@ async def _check_cooldown_and_quota(
             if gpu_seconds >= quota:
                 raise Refused("quota", f"You've used your {quota} GPU-seconds for today; {reset}.")
         else:
-            pending = await svc.db.pending_images(guild_id, user_id)
             wanted = int(params.get("count") or 1)
             if images + pending + wanted > quota:
                 left = max(0, quota - images - pending)

@@ -110,10 +110,12 @@ async def test_usage_and_quota_queries(tmp_path: Path) -> None:
         await db.mark_done(done, "finished", gpu_seconds=2.5)
         await db.create_job(origin, {"prompt": "b", "count": 2})  # still queued
         await db.record_rejected(origin, {"prompt": "c", "count": 4}, "quota", "no")
-        images, gpu, last = await db.usage_since(9, 7, "2000-01-01")
-        assert (images, gpu) == (3, 2.5) and last is not None
-        assert await db.pending_images(9, 7) == 2
-        assert await db.usage_since(9, 8, "2000-01-01") == (0, 0.0, None)
+        images, pending, gpu, last = await db.usage_since(9, 7, "2000-01-01")
+        assert (images, pending, gpu) == (3, 2, 2.5) and last is not None
+        assert await db.usage_since(9, 8, "2000-01-01") == (0, 0, 0.0, None)
+        # Pending images count whenever they were asked for; finished ones only since then.
+        later = await db.usage_since(9, 7, "2999-01-01")
+        assert (later.images, later.pending, later.gpu_seconds) == (0, 2, 0.0)
 
 
 # Names that exist, so without the check the SQL would run and read or write the wrong table.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 
@@ -14,6 +14,14 @@ from bot.backend import JobOrigin
 from bot.db.connection import FINAL_STATUSES, BaseDatabase, parse_stamp, utc_stamp
 from bot.input_store import is_sha256
 from bot.jobs import MAX_PROMPT_CHARS
+
+
+class Usage(NamedTuple):
+    images: int  # finished since the given time
+    pending: int  # queued or running, whenever asked for
+    gpu_seconds: float  # since the given time
+    last_queued: str | None  # stamp of the latest accepted job, ever (for cooldowns)
+
 
 #: A refused request is stored as it came, so it is bounded here: it was never validated.
 MAX_STORED_TEXT = MAX_PROMPT_CHARS
@@ -228,27 +236,25 @@ class JobsMixin(BaseDatabase):
 
     # -- usage --------------------------------------------------------------------------------
 
-    async def usage_since(
-        self, guild_id: int, user_id: int, since: str
-    ) -> tuple[int, float, str | None]:
-        """(images, GPU seconds, time of the latest accepted job) of a user since `since`."""
-        sql = """SELECT COALESCE(SUM(CASE WHEN status='finished' THEN count ELSE 0 END), 0),
-                        COALESCE(SUM(gpu_seconds), 0),
-                        (SELECT MAX(queued_at) FROM jobs WHERE guild_id=? AND user_id=?
-                           AND status NOT IN ('rejected'))
-                 FROM jobs WHERE guild_id=? AND user_id=? AND queued_at >= ?
-                   AND status IN ('queued', 'running', 'finished')"""
-        async with self.conn.execute(sql, (guild_id, user_id, guild_id, user_id, since)) as cur:
+    async def usage_since(self, guild_id: int, user_id: int, since: str) -> Usage:
+        """A user's usage since `since`, and their images still queued or running.
+
+        One statement, so one snapshot: read in two, a job finishing in between would be
+        counted neither as pending nor as finished, and a burst could pass the quota."""
+        sql = """SELECT COALESCE(SUM(CASE WHEN status='finished' AND queued_at >= ?
+                                          THEN count ELSE 0 END), 0),
+                        COALESCE(SUM(CASE WHEN status IN ('queued', 'running')
+                                          THEN count ELSE 0 END), 0),
+                        COALESCE(SUM(CASE WHEN queued_at >= ?
+                                            AND status IN ('queued', 'running', 'finished')
+                                          THEN gpu_seconds ELSE 0 END), 0),
+                        MAX(queued_at)
+                 FROM jobs WHERE guild_id=? AND user_id=? AND status != 'rejected'"""
+        params = (since, since, guild_id, user_id)
+        async with self.conn.execute(sql, params) as cur:
             row = await cur.fetchone()
         assert row is not None
-        return int(row[0]), float(row[1]), row[2]
-
-    async def pending_images(self, guild_id: int, user_id: int) -> int:
-        sql = """SELECT COALESCE(SUM(count), 0) FROM jobs
-                 WHERE guild_id=? AND user_id=? AND status IN ('queued', 'running')"""
-        async with self.conn.execute(sql, (guild_id, user_id)) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return Usage(int(row[0]), int(row[1]), float(row[2]), row[3])
 
     async def stats_rows(self, guild_id: int, since: str) -> list[aiosqlite.Row]:
         sql = """SELECT substr(queued_at, 1, 10) AS day, mode, status, user_id, user_name, model,
