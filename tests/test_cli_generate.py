@@ -21,6 +21,7 @@ import bot.engine
 from bench.harness import Harness
 from bot.cli import main
 from bot.imaging import parse_parameters, read_parameters
+from bot.inputs import DEFAULT_STRENGTH
 from bot.tiny_model import ensure_tiny_model
 from tests import images
 from tests.test_engine_lora import write_tiny_lora
@@ -338,3 +339,36 @@ async def test_img2img_from_the_shell_gives_the_pixels_of_the_bots_img2img(
     assert discord_image.mode == shell_image.mode == "RGB"
     assert discord_image.tobytes() == shell_image.tobytes()
     assert read_parameters(from_shell) == read_parameters(from_discord)
+
+
+# -- per-model defaults and the SDXL family ---------------------------------------------------
+
+
+def test_generate_with_tiny_turbo_uses_its_defaults(tmp_path: Path) -> None:
+    out = tmp_path / "fox.png"
+    assert main(["generate", "a fox", "--model", "tiny-turbo", "-o", str(out)]) == 0
+    found = params(out)
+    assert (found["Steps"], found["CFG scale"], found["Model"]) == ("2", "0", "tiny-turbo")
+    assert main(["generate", "a fox", "--model", "tiny-turbo", "-o", str(out),
+                 "--steps", "3", "--guidance", "1.5", "--scheduler", "LCM"]) == 0  # fmt: skip
+    found = params(out)
+    assert (found["Steps"], found["CFG scale"], found["Sampler"]) == ("3", "1.5", "LCM")
+    # A model without defaults of its own keeps the built-in ones.
+    assert main(["generate", "a fox", "--model", "tiny", "-o", str(out)]) == 0
+    assert (params(out)["Steps"], params(out)["CFG scale"]) == ("20", "7")
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_generate_with_tiny_xl_in_every_mode(tmp_path: Path, mode: str) -> None:
+    out = tmp_path / f"{mode}.png"
+    args = ["generate", "a fox", "--model", "tiny-xl", "-o", str(out), "--steps", "3"]
+    if mode != "txt2img":
+        picture = tmp_path / "in.png"
+        picture.write_bytes(images.with_hole() if mode == "inpaint" else images.photo((96, 64)))
+        args += ["--image", str(picture), "--mode", mode]
+    assert main(args) == 0
+    found = params(out)
+    assert (found["Model"], found["Steps"]) == ("tiny-xl", "3")
+    assert Image.open(out).size == ((96, 64) if mode == "img2img" else (64, 64))
+    if mode != "txt2img":
+        assert found["Denoising strength"] == f"{DEFAULT_STRENGTH[mode]:g}"

@@ -1,22 +1,19 @@
 """Per-model defaults in models.toml (steps, guidance, sampler, variant, family), the one
-resolution every front uses, the few-step catalog entries and `sdbot generate` with them."""
+resolution every front uses and the few-step catalog entries (`sdbot generate` with them is in
+test_cli_generate.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from bot.catalog import BUILTIN_TINY, BUILTIN_TINY_XL, Catalog, ModelEntry, parse_catalog
-from bot.cli import main
 from bot.errors import SettingsError
-from bot.imaging import parse_parameters, read_parameters
 from bot.inputs import DEFAULT_STRENGTH, Fallbacks, option_defaults
 from bot.jobs import GenerationRequest
 from bot.samplers import SCHEDULER_NAMES, canonical_name
-from tests import images
 
 
 def entry(**fields: object) -> ModelEntry:
@@ -112,51 +109,3 @@ def test_a_one_step_model_gets_enough_steps_for_the_strength_of_an_edit() -> Non
     # Steps the member gave are kept (and refused in words if they leave no step).
     assert option_defaults(one_step, steps=1, strength=0.5)["steps"] == 1
     assert option_defaults(one_step, strength=float("nan"))["steps"] == 1
-
-
-# -- sdbot generate ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shell(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model_cache: Path) -> Iterator[Path]:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SDBOT_CACHE_DIR", str(model_cache))
-    monkeypatch.setenv("SDBOT_DEVICE", "cpu")
-    monkeypatch.setenv("SDBOT_DEFAULT_MODEL", "builtin:tiny")
-    monkeypatch.setenv("SDBOT_LORA_DIR", str(tmp_path / "loras"))
-    monkeypatch.delenv("SDBOT_MODELS_FILE", raising=False)
-    yield tmp_path
-
-
-def params(path: Path) -> dict[str, str]:
-    return parse_parameters(read_parameters(path.read_bytes()) or "")
-
-
-def test_generate_with_tiny_turbo_uses_its_defaults(shell: Path) -> None:
-    out = shell / "fox.png"
-    assert main(["generate", "a fox", "--model", "tiny-turbo", "-o", str(out)]) == 0
-    found = params(out)
-    assert (found["Steps"], found["CFG scale"], found["Model"]) == ("2", "0", "tiny-turbo")
-    assert main(["generate", "a fox", "--model", "tiny-turbo", "-o", str(out),
-                 "--steps", "3", "--guidance", "1.5", "--scheduler", "LCM"]) == 0  # fmt: skip
-    found = params(out)
-    assert (found["Steps"], found["CFG scale"], found["Sampler"]) == ("3", "1.5", "LCM")
-    # A model without defaults of its own keeps the built-in ones.
-    assert main(["generate", "a fox", "--model", "tiny", "-o", str(out)]) == 0
-    assert (params(out)["Steps"], params(out)["CFG scale"]) == ("20", "7")
-
-
-@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
-def test_generate_with_tiny_xl_in_every_mode(shell: Path, mode: str) -> None:
-    out = shell / f"{mode}.png"
-    args = ["generate", "a fox", "--model", "tiny-xl", "-o", str(out), "--steps", "3"]
-    if mode != "txt2img":
-        picture = shell / "in.png"
-        picture.write_bytes(images.with_hole() if mode == "inpaint" else images.photo((96, 64)))
-        args += ["--image", str(picture), "--mode", mode]
-    assert main(args) == 0
-    found = params(out)
-    assert (found["Model"], found["Steps"]) == ("tiny-xl", "3")
-    assert Image.open(out).size == ((96, 64) if mode == "img2img" else (64, 64))
-    if mode != "txt2img":
-        assert found["Denoising strength"] == f"{DEFAULT_STRENGTH[mode]:g}"
