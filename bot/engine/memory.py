@@ -97,16 +97,19 @@ def batch_images(free: int, *, per_image: int, reserve: int) -> int:
     return max(1, usable // max(1, per_image))
 
 
-def module_bytes(modules: Iterator[torch.nn.Module]) -> int:
-    """Weights and buffers of `modules`, each tensor counted once."""
+def _tensor_sizes(modules: Iterator[torch.nn.Module]) -> Iterator[int]:
+    """Bytes of each weight and buffer of `modules`, each tensor once (modules share some)."""
     seen: set[int] = set()
-    total = 0
     for module in modules:
         for tensor in itertools.chain(module.parameters(), module.buffers()):
             if id(tensor) not in seen:
                 seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
-    return total
+                yield tensor.numel() * tensor.element_size()
+
+
+def module_bytes(modules: Iterator[torch.nn.Module]) -> int:
+    """Weights and buffers of `modules`, each tensor counted once."""
+    return sum(_tensor_sizes(modules))
 
 
 def pipeline_modules(pipe: Any, *, skip: object = None) -> Iterator[torch.nn.Module]:
@@ -160,15 +163,7 @@ def pinned_bytes(size: int) -> int:
 def ram_bytes(modules: Iterator[torch.nn.Module], *, pinned: bool) -> int:
     """RAM the tensors of `modules` take in the RAM tier, each tensor counted once: with
     `pinned`, as the caching host allocator rounds them."""
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                size = tensor.numel() * tensor.element_size()
-                total += pinned_bytes(size) if pinned else size
-    return total
+    return sum(pinned_bytes(size) if pinned else size for size in _tensor_sizes(modules))
 
 
 def release_pinned() -> None:
