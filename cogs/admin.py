@@ -26,11 +26,12 @@ from bot.discord_front.options import (
     matching,
     scheduler_choices,
 )
-from bot.discord_front.policy import Refused, manages_guild, utcnow
+from bot.discord_front.policy import manages_guild
 from bot.discord_front.replies import echo, respond
 from bot.discord_front.services import services
 from bot.errors import InvalidRequest
 from bot.guild_config import SPECS
+from bot.rules import Refused, utcnow
 from bot.samplers import canonical_name
 
 PERIODS = {"day": 1, "week": 7, "month": 30, "quarter": 90}

@@ -19,11 +19,11 @@ from bot.db import ApiKey
 from bot.db.api_keys import MAX_KEYS_PER_MEMBER
 from bot.discord_front import limits
 from bot.discord_front.options import check_lengths, matching
-from bot.discord_front.policy import Refused, manages_guild, member_of
+from bot.discord_front.policy import manages_guild, member_of
 from bot.discord_front.replies import echo, respond
 from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest
-from bot.rules import check_member
+from bot.rules import Refused, check_member
 
 KeyName = app_commands.Range[str, 1, 40]
 KeyRef = app_commands.Range[str, 1, 100]

@@ -20,13 +20,13 @@ from bot.discord_front.intake import (
     input_loader,
     recording_refusals,
 )
-from bot.discord_front.policy import check_prompt_lengths
 from bot.discord_front.replies import echo, format_parameters_reply, open_modal, report, respond
 from bot.discord_front.services import Services, job_here, services
 from bot.discord_front.ui import start_job
 from bot.errors import InvalidRequest, NoSuchJob
 from bot.inputs import DEFAULT_STRENGTH, VARY_STRENGTH, Fallbacks, option_defaults
 from bot.png_parameters import parameters_in
+from bot.rules import check_prompt_lengths
 
 #: The job id in the custom_id of sdbot's buttons (ui.JobButton).
 BUTTON_JOB = re.compile(r"sdbot:[a-z]+:(\d+)")

@@ -26,10 +26,10 @@ from bot.discord_front.options import (
     check_lengths,
     image_option_autocomplete,
 )
-from bot.discord_front.policy import check_prompt_lengths
 from bot.discord_front.services import services
 from bot.discord_front.ui import start_job
 from bot.inputs import DEFAULT_STRENGTH, Fallbacks, option_defaults, parse_loras, parse_size
+from bot.rules import check_prompt_lengths
 
 Steps = app_commands.Range[int, jobs.MIN_STEPS, jobs.MAX_STEPS]
 Guidance = app_commands.Range[float, jobs.MIN_GUIDANCE, jobs.MAX_GUIDANCE]

@@ -12,17 +12,18 @@ import pytest
 from bot import rules
 from bot.db import Database
 from bot.discord_front import policy
-from bot.discord_front.policy import (
+from bot.discord_front.policy import member_of
+from bot.discord_front.services import Services
+from bot.errors import InvalidRequest
+from bot.guild_config import SPECS, GuildConfig, GuildConfigs
+from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
+from bot.rules import (
     Refused,
     check_access,
     check_limits,
     check_prompt_lengths,
     user_queue_cap,
 )
-from bot.discord_front.services import Services
-from bot.errors import InvalidRequest
-from bot.guild_config import SPECS, GuildConfig, GuildConfigs
-from bot.jobs import MAX_PROMPT_CHARS, GenerationRequest
 
 
 def test_the_blocklist_has_one_matcher() -> None:
@@ -68,13 +69,13 @@ async def test_lengths_are_checked_before_the_blocklist_sees_a_text(
     svc, interaction = access_fakes(("re:(a|aa)+$",))
     params: dict[str, Any] = {"prompt": "a fox", "negative_prompt": "a" * MAX_PROMPT_CHARS + "!"}
     with pytest.raises(InvalidRequest, match="The negative prompt is 1001 characters"):
-        await check_access(svc, interaction, params)
+        await check_access(svc, member_of(interaction), params)
 
 
 async def test_a_slow_entry_counts_as_blocked() -> None:
     svc, interaction = access_fakes(("re:(a|aa)+$",))
     with pytest.raises(Refused, match="this server blocks") as info:
-        await check_access(svc, interaction, {"prompt": "a" * 35 + "!"})
+        await check_access(svc, member_of(interaction), {"prompt": "a" * 35 + "!"})
     assert info.value.reason == "blocked_word"
 
 

@@ -31,13 +31,14 @@ from PIL import Image
 from bot import admission, imaging
 from bot.admission import admit
 from bot.backend import Job, JobOrigin
-from bot.discord_front.policy import check_prompt_lengths, member_of
+from bot.discord_front.policy import member_of
 from bot.discord_front.replies import replace_with_error, unexpected_error_text
 from bot.discord_front.services import Services, services
 from bot.errors import InvalidRequest, SdbotError
 from bot.input_store import digest
 from bot.inputs import attachment_bytes, picture_inputs
 from bot.jobs import GenerationRequest
+from bot.rules import check_prompt_lengths
 
 log = logging.getLogger(__name__)
 

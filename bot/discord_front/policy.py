@@ -3,7 +3,7 @@ the Discord permissions that exempt or empower a member, and the NSFW action for
 
 The rules themselves (channel, ban, prompt length, blocked words, model and size limits,
 cooldown, daily quota, the per-member queue cap) live in bot/rules.py, shared with the HTTP
-API; they are re-exported here so the cogs keep one import.
+API; the Discord front calls them with `member_of(interaction)`.
 """
 
 from __future__ import annotations
@@ -12,25 +12,9 @@ from typing import Any
 
 import discord
 
-from bot.discord_front.services import Services
 from bot.guild_config import GuildConfig
-from bot.rules import Member, Refused, check_limits, check_prompt_lengths, user_queue_cap, utcnow
-from bot.rules import check_access as check_member_access
+from bot.rules import Member
 from bot.rules import nsfw_action as rules_nsfw_action
-
-__all__ = [
-    "Refused",
-    "can_moderate",
-    "check_access",
-    "check_limits",
-    "check_prompt_lengths",
-    "manages_guild",
-    "manages_messages",
-    "member_of",
-    "nsfw_action",
-    "user_queue_cap",
-    "utcnow",
-]
 
 
 def manages_guild(interaction: discord.Interaction) -> bool:
@@ -61,13 +45,6 @@ def member_of(interaction: discord.Interaction) -> Member:
         parent_channel_id=parent,
         manages_guild=manages_guild(interaction),
     )
-
-
-async def check_access(
-    svc: Services, interaction: discord.Interaction, params: dict[str, Any]
-) -> GuildConfig:
-    """Rules that need no images (bot.rules.check_access), for the member of `interaction`."""
-    return await check_member_access(svc, member_of(interaction), params)
 
 
 def nsfw_action(config: GuildConfig, channel: Any) -> str:
