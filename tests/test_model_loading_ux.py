@@ -154,9 +154,20 @@ async def test_start_up_loads_the_default_model_without_any_request(
     async with bot_resources(settings, engine=fresh) as bot:
         assert await until_loaded(bot) == fresh.loaded_models
         assert bot.services.backend.status().queue_length == 0
-    lines = [r.getMessage() for r in caplog.records if r.name == "bot.runner"]
+        # The model shows as loaded on the GPU thread a moment before the loop logs it.
+        lines = await until_logged(caplog, "model builtin:tiny ready in ")
     assert "loading default model builtin:tiny…" in lines
-    assert any(line.startswith("model builtin:tiny ready in ") for line in lines), lines
+
+
+async def until_logged(caplog: pytest.LogCaptureFixture, start: str) -> list[str]:
+    """The runner's log lines, once one starts with `start`."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [r.getMessage() for r in caplog.records if r.name == "bot.runner"]
+        if any(line.startswith(start) for line in lines):
+            return lines
+        assert time.monotonic() < deadline, lines
+        await asyncio.sleep(0.02)
 
 
 def runner_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
