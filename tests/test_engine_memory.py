@@ -19,7 +19,7 @@ import torch
 
 from bot.db import Database
 from bot.engine import BUILTIN_TINY, Engine, LoadRecord
-from bot.engine.device import enable_tf32, resolve_dtype
+from bot.engine.device import enable_tf32, resolve_device, resolve_dtype
 from bot.engine.engine import NO_BATCH_LIMIT
 from bot.engine.memory import GB, MB, MemoryInfo, cuda_probe, module_bytes, pipeline_modules
 from bot.executor.worker import Worker
@@ -62,6 +62,16 @@ def test_tf32_is_switched_on_for_cuda_only() -> None:
     assert not torch.backends.cuda.matmul.allow_tf32
     enable_tf32(torch.device("cuda"))
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize(("name", "index"), [("auto", 0), ("cuda", 0), ("cuda:1", 1)])
+def test_a_cuda_device_always_has_an_index(
+    monkeypatch: pytest.MonkeyPatch, name: str, index: int
+) -> None:
+    # torch.cuda.set_per_process_memory_fraction (and others) refuse a bare "cuda": seen on
+    # an H200, where the bench's OOM row failed with it.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here
+    assert resolve_device(name) == torch.device("cuda", index)
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ use_expandable_segments()
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", 0)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -69,6 +69,10 @@ def resolve_device(device: str) -> torch.device:
         raise SettingsError(f"device `{device}` was requested but CUDA is not available here.")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise SettingsError(f"device `{device}` was requested but MPS is not available here.")
+    if resolved.type == "cuda" and resolved.index is None:
+        # Some torch.cuda calls (set_per_process_memory_fraction) refuse a device without
+        # an index; bare `cuda` is the first visible card.
+        return torch.device("cuda", 0)
     return resolved
 
 
