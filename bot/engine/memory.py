@@ -185,6 +185,10 @@ class RamTier(Generic[T]):
     def __init__(self, budget_mb: int) -> None:
         self.budget = max(0, budget_mb) * MB
         self._items: OrderedDict[str, tuple[T, int]] = OrderedDict()
+        #: Pinned bytes that models moved back to the device left in torch's host cache, kept
+        #: for the next eviction: pinning fresh RAM costs about half a second per GB, reusing
+        #: pinned blocks nothing. Counted against the budget beside the models.
+        self.spare = 0
 
     @property
     def used(self) -> int:
@@ -200,22 +204,28 @@ class RamTier(Generic[T]):
     def fits(self, size: int) -> bool:
         return 0 < size <= self.budget
 
+    def crowded(self, size: int) -> bool:
+        """Whether `size` more bytes would only fit with the spare blocks given back."""
+        return self.spare > 0 and self.used + self.spare + size > self.budget
+
     def put(self, name: str, item: T, size: int) -> list[str]:
-        """Keep `item` (`size` bytes); returns the names dropped to make room for it."""
+        """Keep `item` (`size` bytes), which reused spare blocks first; returns the names
+        dropped to make room for it."""
         dropped: list[str] = []
         self._items.pop(name, None)
-        while self._items and self.used + size > self.budget:
+        self.spare = max(0, self.spare - size)
+        while self._items and self.used + self.spare + size > self.budget:
             dropped.append(self._items.popitem(last=False)[0])
         self._items[name] = (item, size)
         return dropped
 
-    def take(self, name: str) -> T | None:
-        """Remove and return `name`'s item (None when the tier does not hold it)."""
-        entry = self._items.pop(name, None)
-        return None if entry is None else entry[0]
+    def take(self, name: str) -> tuple[T, int] | None:
+        """Remove `name` and return its item and size (None when the tier does not hold it)."""
+        return self._items.pop(name, None)
 
     def clear(self) -> None:
         self._items.clear()
+        self.spare = 0
 
 
 def megabytes(size: int) -> float:
