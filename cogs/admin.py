@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
@@ -275,27 +275,13 @@ class Admin(commands.Cog):
         now = utcnow()
         start = (now - timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
         since = start.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        rows = await services(interaction).db.stats_rows(guild_id, since)
+        stats = await services(interaction).db.stats(guild_id, since)
         day_names = [(start + timedelta(days=i)).date().isoformat() for i in range(days)]
+        column = {day: i for i, day in enumerate(day_names)}
         per_mode: dict[str, list[int]] = defaultdict(lambda: [0] * days)
-        users: Counter[str] = Counter()
-        models: Counter[str] = Counter()
-        images = failures = refused = 0
-        gpu = 0.0
-        for row in rows:
-            if row["status"] == "rejected":
-                refused += 1
-                continue
-            if row["day"] in day_names:
-                per_mode[row["mode"]][day_names.index(row["day"])] += 1
-            users[row["user_name"] or str(row["user_id"])] += 1
-            models[row["model"] or "?"] += 1
-            gpu += row["gpu_seconds"] or 0.0
-            if row["status"] == "finished":
-                images += row["count"] or 1
-            elif row["status"] == "failed":
-                failures += 1
-        jobs_total = sum(users.values())
+        for day, mode, jobs in stats.per_day:
+            if day in column:
+                per_mode[mode][column[day]] += jobs
         modes = ("txt2img", "img2img", "inpaint")
         series: dict[str, list[int]] = {m: per_mode[m] for m in modes if m in per_mode}
         chart = await asyncio.to_thread(
@@ -304,12 +290,12 @@ class Admin(commands.Cog):
             series or {"txt2img": [0] * days},
             title=f"sdbot jobs per day ({period})",
         )
-        top_users = ", ".join(f"{name} ({n})" for name, n in users.most_common(5)) or "—"
-        top_models = ", ".join(f"{name} ({n})" for name, n in models.most_common(3)) or "—"
+        top_users = ", ".join(f"{name} ({n})" for name, n in stats.top_members) or "—"
+        top_models = ", ".join(f"{name} ({n})" for name, n in stats.top_models) or "—"
         text = (
             f"**sdbot usage, last {days} day(s)**\n"
-            f"{jobs_total} jobs · {images} images · {gpu:.0f} GPU-seconds · "
-            f"{failures} failed · {refused} refused\n"
+            f"{stats.jobs} jobs · {stats.images} images · {stats.gpu_seconds:.0f} GPU-seconds · "
+            f"{stats.failed} failed · {stats.refused} refused\n"
             f"Top members: {top_users}\nTop models: {top_models}"
         )
         file = discord.File(io.BytesIO(chart), filename="sdbot_stats.png")

@@ -118,6 +118,49 @@ async def test_usage_and_quota_queries(tmp_path: Path) -> None:
         assert (later.images, later.pending, later.gpu_seconds) == (0, 2, 0.0)
 
 
+async def test_stats_are_counted_by_sqlite(tmp_path: Path) -> None:
+    async with await Database.open(tmp_path / "x.db") as db:
+
+        async def job(user: str, status: str, gpu: float = 0.0, **params: object) -> int:
+            origin = JobOrigin(
+                user_id=len(user), user_name=user, guild_id=9, channel_id=3, command="imagine"
+            )
+            if status == "rejected":
+                return await db.record_rejected(origin, {"prompt": "p"}, "quota", "no")
+            job_id = await db.create_job(origin, {"prompt": "p", **params})
+            if status != "queued":
+                await db.mark_running(job_id)
+                await db.mark_done(job_id, status, gpu_seconds=gpu)
+            return job_id
+
+        for _ in range(3):
+            await job("ann", "finished", 1.5, count=2, model="m1")
+        await job("bob", "failed", 0.5, mode="img2img", model="m2")
+        await job("bob", "queued", mode="inpaint")
+        await job("", "finished", 1.0)  # no name: the member's id (len("") == 0) stands in
+        await job("ann", "rejected")
+        await job("ann", "rejected")
+        old = await job("cy", "finished", 9.0, model="m3")
+        await db.conn.execute("UPDATE jobs SET queued_at='2000-01-01T00:00:00Z' WHERE id=?", (old,))
+        elsewhere = JobOrigin(user_id=5, user_name="dee", guild_id=8, channel_id=3, command="x")
+        await db.create_job(elsewhere, {"prompt": "p"})
+        await db.conn.commit()
+
+        stats = await db.stats(9, "2020-01-01T00:00:00.000Z")
+        assert (stats.jobs, stats.images, stats.failed, stats.refused) == (6, 7, 1, 2)
+        assert stats.gpu_seconds == 6.0
+        assert stats.top_members == [("ann", 3), ("bob", 2), ("0", 1)]
+        assert stats.top_models == [("m1", 3), ("?", 2), ("m2", 1)]
+        today = {day for day, _, _ in stats.per_day}
+        assert len(today) == 1
+        assert sorted((mode, n) for _, mode, n in stats.per_day) == [
+            ("img2img", 1),
+            ("inpaint", 1),
+            ("txt2img", 4),
+        ]
+        assert (await db.stats(9, "2999-01-01T00:00:00.000Z")).jobs == 0
+
+
 # Names that exist, so without the check the SQL would run and read or write the wrong table.
 BAD_NAMES = [("jobs", "prompt"), ("guild_channels", "pattern"), ("bans", "user_id")]
 

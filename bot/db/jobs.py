@@ -23,6 +23,24 @@ class Usage(NamedTuple):
     last_queued: str | None  # stamp of the latest accepted job, ever (for cooldowns)
 
 
+#: How many members and models /stats names.
+TOP_MEMBERS = 5
+TOP_MODELS = 3
+
+
+class Stats(NamedTuple):
+    """A server's usage over a period; refused requests count only in `refused`."""
+
+    per_day: list[tuple[str, str, int]]  # (YYYY-MM-DD, mode, jobs)
+    top_members: list[tuple[str, int]]  # (name, jobs), most first
+    top_models: list[tuple[str, int]]
+    jobs: int
+    images: int  # of finished jobs
+    gpu_seconds: float
+    failed: int
+    refused: int
+
+
 #: A refused request is stored as it came, so it is bounded here: it was never validated.
 MAX_STORED_TEXT = MAX_PROMPT_CHARS
 MAX_STORED_KEYS = 32
@@ -256,11 +274,44 @@ class JobsMixin(BaseDatabase):
         assert row is not None
         return Usage(int(row[0]), int(row[1]), float(row[2]), row[3])
 
-    async def stats_rows(self, guild_id: int, since: str) -> list[aiosqlite.Row]:
-        sql = """SELECT substr(queued_at, 1, 10) AS day, mode, status, user_id, user_name, model,
-                        count, gpu_seconds FROM jobs WHERE guild_id=? AND queued_at >= ?"""
-        async with self.conn.execute(sql, (guild_id, since)) as cur:
-            return list(await cur.fetchall())
+    async def stats(self, guild_id: int, since: str) -> Stats:
+        """A server's usage since `since`, counted by SQLite: a busy server's month is many
+        thousands of rows, which would be a long loop on the event loop."""
+        where = "guild_id=? AND queued_at >= ?"
+        accepted = f"{where} AND status != 'rejected'"
+        params = (guild_id, since)
+        totals = f"""SELECT COALESCE(SUM(status != 'rejected'), 0),
+                            COALESCE(SUM(CASE WHEN status='finished' THEN COALESCE(count, 1)
+                                              ELSE 0 END), 0),
+                            COALESCE(SUM(CASE WHEN status != 'rejected'
+                                              THEN COALESCE(gpu_seconds, 0) ELSE 0 END), 0),
+                            COALESCE(SUM(status='failed'), 0),
+                            COALESCE(SUM(status='rejected'), 0)
+                     FROM jobs WHERE {where}"""
+        async with self.conn.execute(totals, params) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        per_day = f"""SELECT substr(queued_at, 1, 10) AS day, mode, COUNT(*) FROM jobs
+                      WHERE {accepted} GROUP BY day, mode"""
+        member = "COALESCE(NULLIF(user_name, ''), CAST(user_id AS TEXT))"
+        members = f"""SELECT {member} AS name, COUNT(*) AS n FROM jobs WHERE {accepted}
+                      GROUP BY name ORDER BY n DESC, name LIMIT {TOP_MEMBERS}"""
+        models = f"""SELECT COALESCE(NULLIF(model, ''), '?') AS name, COUNT(*) AS n FROM jobs
+                     WHERE {accepted} GROUP BY name ORDER BY n DESC, name LIMIT {TOP_MODELS}"""
+        lists = []
+        for sql in (per_day, members, models):
+            async with self.conn.execute(sql, params) as cur:
+                lists.append([tuple(r) for r in await cur.fetchall()])
+        return Stats(
+            per_day=lists[0],
+            top_members=lists[1],
+            top_models=lists[2],
+            jobs=int(row[0]),
+            images=int(row[1]),
+            gpu_seconds=float(row[2]),
+            failed=int(row[3]),
+            refused=int(row[4]),
+        )
 
     async def set_outputs(self, job_id: int, paths: list[str]) -> None:
         await self.conn.execute("UPDATE jobs SET outputs=? WHERE id=?", (json.dumps(paths), job_id))
