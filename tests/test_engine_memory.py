@@ -23,6 +23,7 @@ from bot.engine.device import enable_tf32, resolve_device, resolve_dtype
 from bot.engine.engine import NO_BATCH_LIMIT
 from bot.engine.memory import GB, MB, MemoryInfo, cuda_probe, module_bytes, pipeline_modules
 from bot.executor.worker import Worker
+from bot.tiny_xl import ensure_tiny_xl
 from tests.test_engine_loading import files, make, new_engine  # noqa: F401  (files: a fixture)
 from tests.test_executor import db, finished, gpu_held, origin, req, running  # noqa: F401
 
@@ -184,6 +185,21 @@ def test_batch_limit_follows_free_memory_and_size(
     small.models.residency.measure()
     assert small.batch_limit(make("tiny", width=1024, height=1024)) == 1
     assert small.memory_stats() == {"allocated_mb": 0.0, "reserved_mb": 0.0}
+
+
+def test_batch_limit_knows_an_sdxl_model_the_catalog_does_not_say_is_one(
+    model_cache: Path,
+    files: Path,  # noqa: F811
+) -> None:
+    # Named by its folder, the model's family is only known once loaded; the SDXL estimate
+    # applies then (smaller per latent pixel: SDXL has no attention at the top level).
+    xl = str(ensure_tiny_xl(model_cache))
+    limits = {}
+    for model in ("tiny", xl):
+        engine = engine_on(model_cache, files, FakeMemory(total=24 * GB, per_model=4 * GB))
+        engine.load(model)
+        limits[model] = engine.batch_limit(make(model, width=1024, height=1024))
+    assert limits[xl] > limits["tiny"] >= 1
 
 
 async def test_the_executor_keeps_batches_within_the_engine_limit(

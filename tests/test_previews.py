@@ -23,9 +23,10 @@ from bot.backend import Progress, StepInfoLike
 from bot.db import Database
 from bot.engine import Engine, StepInfo, latents_preview
 from bot.engine.denoise import denoise
-from bot.engine.previews import TAESD_DIRS, Previews, family, linear_decoder
+from bot.engine.previews import TAESD_DIRS, Previews, linear_decoder
 from bot.engine.prompts import encode_prompt
 from bot.engine.results import SDXL_LATENT_RGB
+from bot.engine.sources import pipeline_family
 from bot.executor import GpuExecutor
 from bot.jobs import GenerationRequest
 from bot.samplers import make_scheduler
@@ -157,7 +158,7 @@ def test_sdxl_models_preview_with_the_sdxl_factors() -> None:
         def __init__(self, unet: Any) -> None:
             self.unet = unet
 
-    assert family(Pipe(unet)) == "sdxl"
+    assert pipeline_family(Pipe(unet)) == "sdxl"
     latents = torch.randn(4, 6, 5)
     got = np.asarray(linear_decoder("sdxl")(latents), dtype=np.int16)
     factors, bias = SDXL_LATENT_RGB

@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from bot.engine.exact import per_image_unet
-from bot.engine.previews import X0, Previews, capture_x0, family, linear_decoder
+from bot.engine.previews import X0, Previews, capture_x0, linear_decoder
 from bot.engine.prompts import Prepared
 from bot.engine.results import StepInfo
+from bot.engine.sources import pipeline_family
 from bot.jobs import GenerationRequest
 
 
@@ -48,7 +49,11 @@ def denoise(
     latents_by_request: dict[int, torch.Tensor] = {}
     decode = None
     if on_step is not None:
-        decode = previews.decoder(pipe) if previews is not None else linear_decoder(family(pipe))
+        decode = (
+            previews.decoder(pipe)
+            if previews is not None
+            else linear_decoder(pipeline_family(pipe))
+        )
     for number, members in enumerate(groups.values()):
         x0 = X0()
 

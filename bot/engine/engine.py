@@ -182,7 +182,9 @@ class Engine:
         if entry is None or not self.models.holds(entry):
             # Its weights will take room before the batch runs.
             free -= self.models.residency.expected_bytes(None if entry is None else entry.name)
-        xl = entry is not None and getattr(entry, "family", None) == "sdxl"
+        # A loaded model knows its family; the catalog's may be unset (found out at load).
+        loaded = None if entry is None else self.models.family_of(entry.name)
+        xl = (loaded or getattr(entry, "family", None)) == "sdxl"
         w, h = request.width, request.height
         per_image = image_bytes(w, h, cfg=request.guidance > 1.0, dtype=self.dtype, xl=xl)
         return batch_images(free, per_image=per_image, reserve=decode_bytes(w, h, dtype=self.dtype))

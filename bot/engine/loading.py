@@ -25,7 +25,13 @@ from bot.catalog import Catalog, ModelEntry
 from bot.engine.device import free_memory, is_oom
 from bot.engine.memory import MB, MemoryProbe, module_bytes, pipeline_modules
 from bot.engine.residency import Residency
-from bot.engine.sources import load_error, locate, model_family, public_error
+from bot.engine.sources import (
+    load_error,
+    locate,
+    model_family,
+    pipeline_family,
+    public_error,
+)
 from bot.errors import InvalidRequest, ModelLoadError, SettingsError, without_frames
 
 log = logging.getLogger(__name__)
@@ -47,8 +53,8 @@ class LoadedModel:
 
     @property
     def family(self) -> str:
-        """The model family: "sdxl" for the SDXL pipelines (two text encoders), else "sd"."""
-        return "sdxl" if getattr(self.base, "text_encoder_2", None) is not None else "sd"
+        """The model family: "sdxl" or "sd"."""
+        return pipeline_family(self.base)
 
 
 class LoadedModels:
@@ -94,6 +100,11 @@ class LoadedModels:
         if not self._models:
             return None
         return next(reversed(self._models.values())).entry.source
+
+    def family_of(self, name: str) -> str | None:
+        """The family of loaded model `name` (None when it is not loaded); from any thread."""
+        model = self._models.get(name)
+        return None if model is None else model.family
 
     def holds(self, entry: ModelEntry) -> bool:
         """Whether the resolved `entry` is loaded (no catalog lookup: see is_loaded)."""

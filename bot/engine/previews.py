@@ -34,6 +34,7 @@ from bot.engine.results import (
     latents_preview,
     rgb_preview,
 )
+from bot.engine.sources import pipeline_family
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,6 @@ TAESD_DIRS = {"sd": "taesd", "sdxl": "taesdxl"}
 
 # Multistep solvers whose kept model outputs are data (x0) predictions for these settings.
 _X0_ALGORITHMS = {"dpmsolver++", "sde-dpmsolver++"}
-
-
-def family(pipe: Any) -> str:
-    """ "sdxl" for SDXL pipelines (their UNet takes pooled text and time ids), else "sd"."""
-    unet = getattr(pipe, "unet", None)
-    config = getattr(unet, "config", None)
-    if getattr(config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    return "sdxl" if "XL" in type(pipe).__name__ else "sd"
 
 
 class X0:
@@ -115,7 +107,7 @@ class Previews:
 
     def decoder(self, pipe: Any) -> PreviewDecoder:
         """How `pipe`'s latents become a preview."""
-        kind = family(pipe)
+        kind = pipeline_family(pipe)
         tiny = self._taesd(kind)
         if tiny is not None:
             return functools.partial(_taesd_preview, tiny)

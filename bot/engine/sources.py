@@ -15,6 +15,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from bot.catalog import BUILTIN_TINY_INPAINT, BUILTIN_TINY_XL, ModelEntry
 from bot.errors import ModelLoadError
@@ -77,6 +78,14 @@ def model_family(entry: ModelEntry, kind: str, location: str) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         name = ""
     return "sdxl" if "StableDiffusionXL" in name else "sd"
+
+
+def pipeline_family(pipe: Any) -> str:
+    """ "sdxl" for a loaded SDXL pipeline (its UNet takes pooled text and time ids), else "sd"."""
+    config = getattr(getattr(pipe, "unet", None), "config", None)
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    return "sdxl" if "XL" in type(pipe).__name__ else "sd"
 
 
 def _reach_hub(entry: ModelEntry) -> None:
