@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from bot.backend import StepInfoLike
+from bot.backend import GenerationResult, StepInfoLike
 from bot.jobs import GenerationRequest
 
 
@@ -24,14 +24,6 @@ class Step:
     step: int
     total: int
     preview: Callable[[int], Image.Image]
-
-
-@dataclass(frozen=True)
-class Result:
-    images: list[Image.Image]
-    seeds: list[int]
-    nsfw: list[bool]
-    sampler: str
 
 
 class StandInEngine:
@@ -48,7 +40,7 @@ class StandInEngine:
         requests: Sequence[GenerationRequest],
         *,
         on_step: Callable[[StepInfoLike], None] | None = None,
-    ) -> list[Result]:
+    ) -> list[GenerationResult]:
         self.load(requests[0].model)
         total = requests[0].steps
         for step in range(1, total + 1):
@@ -56,7 +48,7 @@ class StandInEngine:
             if on_step is not None:
                 on_step(Step(step, total, lambda i: Image.new("RGB", (64, 64))))
         return [
-            Result(
+            GenerationResult(
                 images=[_noise(r.width, r.height, seed) for seed in r.seeds],
                 seeds=list(r.seeds),
                 nsfw=[False] * len(r.seeds),

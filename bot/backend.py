@@ -196,6 +196,21 @@ class ResultLike(Protocol):
     def sampler(self) -> str: ...
 
 
+@dataclass(frozen=True)
+class GenerationResult:
+    """The images of one request, in seed order: the engine's result, and what Serve's client
+    and the stand-in engines rebuild on their side (a `ResultLike`)."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    #: Per image: flagged by the engine's safety checker, else by the model's own (all False
+    #: when there is none).
+    #: Images are returned unaltered; the front end blurs, spoilers or blocks by policy.
+    nsfw: list[bool]
+    #: The A1111 sampler name for the PNG `Sampler:` field.
+    sampler: str
+
+
 class GenerationEngine(Protocol):
     def generate(
         self,

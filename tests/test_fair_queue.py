@@ -27,6 +27,7 @@ from PIL import Image
 from bot.backend import (
     Failed,
     Finished,
+    GenerationResult,
     Job,
     JobOrigin,
     Progress,
@@ -63,14 +64,6 @@ class FakeStep:
     step: int
     total: int
     preview: Callable[[int], Image.Image]
-
-
-@dataclass(frozen=True)
-class FakeResult:
-    images: list[Image.Image]
-    seeds: list[int]
-    nsfw: list[bool]
-    sampler: str
 
 
 class FakeEngine:
@@ -111,7 +104,7 @@ class FakeEngine:
         requests: Sequence[GenerationRequest],
         *,
         on_step: Callable[[StepInfoLike], None] | None = None,
-    ) -> list[FakeResult]:
+    ) -> list[GenerationResult]:
         assert len({r.batch_key() for r in requests}) == 1, "mixed batch keys in one call"
         self.threads.add(threading.current_thread().name)
         self.calls.append(list(requests))
@@ -129,7 +122,7 @@ class FakeEngine:
             if on_step is not None:
                 on_step(FakeStep(step, total, lambda i: Image.new("RGB", (8, 8), (i, 0, 0))))
         return [
-            FakeResult(
+            GenerationResult(
                 images=[Image.new("RGB", (8, 8), (s % 256, s // 256 % 256, 0)) for s in r.seeds],
                 seeds=r.seeds,
                 nsfw=[False] * r.count,

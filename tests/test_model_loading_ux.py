@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bench.standin_engine import Result, Step
+from bench.standin_engine import Step
 from bot.backend import (
     Event,
     Finished,
+    GenerationResult,
     Job,
     JobOrigin,
     Loading,
@@ -63,14 +64,16 @@ class ScriptedEngine:
         requests: Sequence[GenerationRequest],
         *,
         on_step: Callable[[StepInfoLike], None] | None = None,
-    ) -> list[Result]:
+    ) -> list[GenerationResult]:
         self.load(requests[0].model)
         total = requests[0].steps
         for step in range(1, total + 1):
             if on_step is not None:
                 on_step(Step(step, total, lambda i: Image.new("RGB", (8, 8))))
         return [
-            Result([Image.new("RGB", (8, 8)) for _ in r.seeds], r.seeds, [False] * r.count, "Euler")
+            GenerationResult(
+                [Image.new("RGB", (8, 8)) for _ in r.seeds], r.seeds, [False] * r.count, "Euler"
+            )
             for r in requests
         ]
 

@@ -13,11 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bot.backend import Failed, StepInfoLike
+from bot.backend import Failed, GenerationResult, StepInfoLike
 from bot.errors import ReplicaLost
 from bot.jobs import GenerationRequest
 from bot.serve.client import ServeEngine
-from bot.serve.protocol import RemoteResult
 from tests import ray_cluster
 from tests.ray_cluster import RayCluster
 from tests.test_serve import executor_on, origin, workers_held
@@ -72,7 +71,7 @@ class KillsOnce(ServeEngine):
         requests: Sequence[GenerationRequest],
         *,
         on_step: Callable[[StepInfoLike], None] | None = None,
-    ) -> list[RemoteResult]:
+    ) -> list[GenerationResult]:
         kill = kill_at_step(self, self.step, self.killed)
 
         def both(info: StepInfoLike) -> None:

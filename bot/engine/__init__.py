@@ -19,7 +19,8 @@ The package, in the order `Engine.generate` uses it:
 - `exact`: the UNet run once per image inside a batched call (batch-invariant images).
 - `previews`: each step's predicted final image, through TAESD or a linear latent map.
 - `decode`: VAE decoding, tiled after an out-of-memory, again in fp32 after NaNs.
-- `results`: what comes back (`GenerationResult`, `StepInfo` with previews).
+- `results`: what each step gives (`StepInfo` with previews); the images come back as
+  `bot.backend.GenerationResult`.
 - `failures`: a failed run turned into the bot's error, its frames dropped before any retry.
 - `compile`: opt-in torch.compile of the UNet and VAE decoder for a few size buckets.
 - `memory`, `residency`: free-memory probes, batch and model limits, the RAM tier, the shared
@@ -31,13 +32,13 @@ Nothing here imports discord: the executor (or a Ray Serve replica) drives it.
 
 from __future__ import annotations
 
-from bot.backend import LoadRecord
+from bot.backend import GenerationResult, LoadRecord
 from bot.catalog import BUILTIN_TINY
 from bot.engine.adapters import MAX_CACHED_LORAS
 from bot.engine.denoise import SafetyChecker
 from bot.engine.device import resolve_device, resolve_dtype
 from bot.engine.engine import Engine
-from bot.engine.results import GenerationResult, StepInfo, latents_preview
+from bot.engine.results import StepInfo, latents_preview
 
 __all__ = [
     "BUILTIN_TINY",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bot.backend import LoadRecord
+from bot.backend import GenerationResult, LoadRecord
 from bot.catalog import Catalog, ModelEntry
 from bot.engine.adapters import Adapters
 from bot.engine.compile import Compiler
@@ -37,7 +37,7 @@ from bot.engine.memory import (
 )
 from bot.engine.previews import Previews
 from bot.engine.prompts import encode_prompt
-from bot.engine.results import GenerationResult, StepInfo
+from bot.engine.results import StepInfo
 from bot.errors import GenerationFailed, InvalidRequest, SdbotError
 from bot.jobs import GenerationRequest
 from bot.model_sources import availability

@@ -73,20 +73,6 @@ class StepInfo:
         return decode(latents[row])
 
 
-@dataclass
-class GenerationResult:
-    """The images of one request, in seed order."""
-
-    images: list[Image.Image]
-    seeds: list[int]
-    #: Per image: flagged by the engine's safety checker, else by the model's own (all False
-    #: when there is none).
-    #: Images are returned unaltered; the front end blurs, spoilers or blocks by policy.
-    nsfw: list[bool]
-    #: The A1111 sampler name for the PNG `Sampler:` field.
-    sampler: str
-
-
 def latents_preview(latents: torch.Tensor, latent_rgb: LatentRgb = SD_LATENT_RGB) -> Image.Image:
     """RGB approximation of one image's latents (4 x h x w) -> an h x w PIL image."""
     factors, bias = latent_rgb

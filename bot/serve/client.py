@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image
 
-from bot.backend import LoadRecord, StepInfoLike
+from bot.backend import GenerationResult, LoadRecord, StepInfoLike
 from bot.errors import GenerationFailed, ReplicaLost, SdbotError
 from bot.jobs import GenerationRequest
 from bot.serve.protocol import (
@@ -46,7 +46,6 @@ from bot.serve.protocol import (
     GeneratePayload,
     Hello,
     LoadReply,
-    RemoteResult,
     Step,
 )
 from bot.serve.stream import SILENCE_S, ReplicaDied, Stream, bot_errors
@@ -159,7 +158,7 @@ class ServeEngine:
         requests: Sequence[GenerationRequest],
         *,
         on_step: Callable[[StepInfoLike], None] | None = None,
-    ) -> list[RemoteResult]:
+    ) -> list[GenerationResult]:
         """Run `requests` (one batch_key()) on a replica; see the module docstring."""
         if not requests:
             return []
@@ -201,7 +200,7 @@ class ServeEngine:
         on_step: Callable[[StepInfoLike], None] | None,
         replicas: list[str],
         tag: str,
-    ) -> list[RemoteResult]:
+    ) -> list[GenerationResult]:
         link = self.link
         payload = GeneratePayload(
             requests, link.preview_every, tag, link.step_interval_s, link.heartbeat_s

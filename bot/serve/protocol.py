@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from bot.backend import LoadRecord
+from bot.backend import GenerationResult, LoadRecord
 
 if TYPE_CHECKING:
     from bot.jobs import GenerationRequest
@@ -69,16 +69,6 @@ class Beat:
 
 
 @dataclass(frozen=True)
-class RemoteResult:
-    """A `bot.backend.ResultLike` rebuilt on the bot's side from the arrays of `Done`."""
-
-    images: list[Image.Image]
-    seeds: list[int]
-    nsfw: list[bool]
-    sampler: str
-
-
-@dataclass(frozen=True)
 class ResultData:
     """One request's images as uint8 arrays: lossless, and no encoding on the replica."""
 
@@ -100,12 +90,12 @@ class ResultData:
             sampler,
         )
 
-    def result(self) -> RemoteResult:
+    def result(self) -> GenerationResult:
         images = [
             Image.fromarray(array, mode)
             for array, mode in zip(self.arrays, self.modes, strict=True)
         ]
-        return RemoteResult(images, list(self.seeds), list(self.nsfw), self.sampler)
+        return GenerationResult(images, list(self.seeds), list(self.nsfw), self.sampler)
 
 
 @dataclass(frozen=True)
