@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from bot.tiny_model import build_tokenizer, build_vae, euler_scheduler, text_config
+from bot.tiny_xl import sdxl_pipeline, sdxl_unet
 
 #: Per scale: (UNet channels per block, layers per block, attention head dim, text width,
 #: text layers, VAE channels per block, native size in pixels).
@@ -116,32 +117,20 @@ def build_sd15(scale: str) -> Any:
 
 def build_sdxl(scale: str) -> Any:
     """An SDXL-base-shaped StableDiffusionXLPipeline with random weights."""
-    import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    d: Any = diffusers
     shape = _SDXL[scale]
     width_1, layers_1, width_2, layers_2 = shape["text"]
-    time_dim = int(shape["time_dim"])
-    blocks = shape["blocks"]
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    unet = d.UNet2DConditionModel(
+    unet = sdxl_unet(
         sample_size=int(shape["size"]) // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=blocks,
-        layers_per_block=2 if scale == "full" else 1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(blocks) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(blocks) - 1) + ("UpBlock2D",),
-        transformer_layers_per_block=shape["transformer_layers"],
-        attention_head_dim=shape["heads"],
-        cross_attention_dim=width_1 + width_2,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + width_2,
-        norm_num_groups=32,
+        blocks=shape["blocks"],
+        layers=2 if scale == "full" else 1,
+        heads=shape["heads"],
+        text_widths=(width_1, width_2),
+        time_dim=int(shape["time_dim"]),
+        transformer_layers=shape["transformer_layers"],
     )
     text_encoder = CLIPTextModel(_text_config(tokenizer, width_1, layers_1))
     text_encoder_2 = CLIPTextModelWithProjection(
@@ -149,16 +138,12 @@ def build_sdxl(scale: str) -> Any:
     )
     vae_layers = 2 if scale == "full" else 1
     vae = _vae(shape["vae"], scaling=0.13025, layers=vae_layers, force_upcast=True)
-    return d.StableDiffusionXLPipeline(
+    return sdxl_pipeline(
+        unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
-        tokenizer_2=build_tokenizer(),
-        unet=unet,
-        scheduler=euler_scheduler(),
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
     )
 
 
