@@ -18,7 +18,8 @@ from bot.engine import Engine
 from bot.engine.prompts import _encode_sdxl_chunks, _rows, encode_prompt
 from bot.jobs import GenerationRequest, LoraSpec
 from bot.tiny_xl import TINY_XL_DIRNAME, ensure_tiny_xl
-from tests.test_engine_modes import LONG_PROMPT, init_image, is_real_image, left_mask, raw
+from tests.test_engine_modes import LONG_PROMPT, init_image, is_real_image, raw
+from tests.test_engine_modes import make as make_request
 
 EMBEDDING = "sdbot-style"
 
@@ -71,23 +72,11 @@ def engine(model_cache: Path, lora_dir: Path) -> Engine:
 
 
 def make(**overrides: Any) -> GenerationRequest:
-    fields: dict[str, Any] = {
-        "prompt": "a red fox in snow",
-        "model": "tiny-xl",
-        "width": 64,
-        "height": 64,
-        "steps": 3,
-        "guidance": 6.0,
-        "seed": 1234,
-    }
-    fields.update(overrides)
+    """test_engine_modes' request (pictures included) on tiny-xl, 3 steps, guidance 6."""
+    fields: dict[str, Any] = {"model": "tiny-xl", "steps": 3, "guidance": 6.0, **overrides}
     if fields.get("mode") in ("img2img", "inpaint"):
-        size = (fields["width"], fields["height"])
-        fields.setdefault("init_image", init_image(size))
         fields.setdefault("strength", 0.7)
-        if fields["mode"] == "inpaint":
-            fields.setdefault("mask_image", left_mask(size))
-    return GenerationRequest(**fields)
+    return make_request(**fields)
 
 
 def pixels(engine: Engine, request: GenerationRequest) -> bytes:
