@@ -30,6 +30,7 @@ from bot.engine.sources import pipeline_family
 from bot.executor import GpuExecutor
 from bot.jobs import GenerationRequest
 from bot.samplers import make_scheduler
+from bot.tiny_xl import sdxl_unet
 from tests.test_fair_queue import FakeEngine, FakeStep, events_of, origin, req
 
 
@@ -139,19 +140,8 @@ def test_taesd_previews_are_full_size_when_its_weights_are_in_the_cache(
 
 
 def test_sdxl_models_preview_with_the_sdxl_factors() -> None:
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
+    unet = sdxl_unet(
+        sample_size=8, blocks=(32, 64), layers=1, heads=8, text_widths=(16, 16), time_dim=8
     )
 
     class Pipe:
