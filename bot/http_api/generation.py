@@ -20,8 +20,8 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
+from bot.admission import recording_refusals
 from bot.backend import Failed, Finished, Job
-from bot.errors import InvalidRequest
 from bot.http_api.auth import allowed_caller, caller_of
 from bot.http_api.context import ApiContext, Caller, context_of, read_json
 from bot.http_api.intake import submit
@@ -43,11 +43,8 @@ async def img2img(request: web.Request) -> web.Response:
 async def _generate(request: web.Request, mode: str) -> web.Response:
     ctx = context_of(request)
     caller = await caller_of(ctx, request)
-    try:
+    async with recording_refusals(ctx, lambda: (caller.origin(mode), {})):
         data = await read_json(request)
-    except InvalidRequest as exc:
-        await ctx.db.record_rejected(caller.origin(mode), {}, exc.reason, exc.message)
-        raise
     # Handlers are cancelled when their client hangs up (handler_cancellation): the submit
     # is shielded so a job row is never left half-made, and a job queued for a client that
     # has gone is cancelled at once.

@@ -9,7 +9,7 @@ event loop; previews arrive as the PNG bytes the executor made off the GPU threa
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bot.backend import (
     Failed,
@@ -37,7 +37,6 @@ class Tracked:
     preview: bytes | None = None
     started_at: float | None = None
     interrupted: bool = False
-    created: float = field(default_factory=time.time)
 
     @property
     def fraction(self) -> float:

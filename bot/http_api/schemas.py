@@ -17,7 +17,7 @@ from typing import Any
 
 from bot.errors import InvalidRequest
 from bot.jobs import MAX_COUNT, MAX_SIZE, MIN_SIZE, GenerationRequest
-from bot.samplers import DEFAULT, SCHEDULER_NAMES, canonical_name
+from bot.samplers import SCHEDULER_NAMES, canonical_name
 
 #: A1111's scheduler names that mean "the sampler's own schedule" and "with Karras sigmas".
 AUTOMATIC_SCHEDULERS = ("automatic", "default", "")
@@ -274,8 +274,3 @@ def info(
         "interrupted": interrupted,
         "version": "sdbot",
     }
-
-
-def sampler_names() -> list[str]:
-    """Every sampler a request may name, "default" (the model's own) first."""
-    return [DEFAULT, *SCHEDULER_NAMES]
