@@ -141,13 +141,17 @@ class Settings(BaseSettings):
 
 def is_loopback_url(url: str) -> bool:
     """True when `url` names this machine (so plain http or ws cannot leak to the network)."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
+    return is_loopback(urlsplit(url).hostname or "")
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` (a name or an IP literal, no brackets) is this machine."""
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False
+        return False  # a DNS name (or "" = every interface) may resolve anywhere
 
 
 _ENV_NAMES = {

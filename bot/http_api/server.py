@@ -10,7 +10,6 @@ need, so no request makes the process hold more than that.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 
@@ -20,6 +19,7 @@ from bot.http_api import generation, listing
 from bot.http_api.context import CONTEXT, ApiContext
 from bot.http_api.problems import errors_as_json
 from bot.inputs import attachment_bytes
+from bot.settings import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,6 @@ def parse_bind(bind: str) -> tuple[str, int]:
     if match is None or int(match.group(3)) > 65535:
         raise ValueError(f"SDBOT_API_BIND {bind!r} is not host:port, e.g. 127.0.0.1:7860")
     return match.group(1) or match.group(2), int(match.group(3))
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def body_limit(ctx: ApiContext) -> int:
