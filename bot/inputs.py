@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -32,9 +32,22 @@ BUILTIN_STEPS = 20
 BUILTIN_GUIDANCE = 7.0
 
 
+class ServerDefaults(Protocol):
+    """What a server uses for models without their own defaults (`guild_config.Defaults`)."""
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def guidance(self) -> float: ...
+
+    @property
+    def scheduler(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Fallbacks:
-    """What a server (or the shell's owner) uses for models without their own defaults."""
+    """The built-in `ServerDefaults`, where no server says (the shell's owner, tests)."""
 
     steps: int = BUILTIN_STEPS
     guidance: float = BUILTIN_GUIDANCE
@@ -48,7 +61,7 @@ def option_defaults(
     guidance: float | None = None,
     scheduler: str | None = None,
     strength: float | None = None,
-    server: Fallbacks | None = None,
+    server: ServerDefaults | None = None,
 ) -> dict[str, Any]:
     """Request fields `steps`, `guidance`, `scheduler`, `width` and `height` for `entry`.
 

@@ -24,7 +24,7 @@ from bot.discord_front.replies import echo, format_parameters_reply, open_modal,
 from bot.discord_front.services import Services, job_here, services
 from bot.discord_front.ui import start_job
 from bot.errors import InvalidRequest, NoSuchJob
-from bot.inputs import DEFAULT_STRENGTH, VARY_STRENGTH, Fallbacks, option_defaults
+from bot.inputs import DEFAULT_STRENGTH, VARY_STRENGTH, option_defaults
 from bot.png_parameters import parameters_in
 from bot.rules import check_prompt_lengths
 
@@ -131,9 +131,8 @@ class ContextMenus(commands.Cog):
         svc = services(interaction)
         defaults = await svc.defaults_for(interaction.guild_id)
         entry = svc.catalog.resolve(defaults.model)
-        server = Fallbacks(defaults.steps, defaults.guidance, defaults.scheduler)
         return {
-            **option_defaults(entry, strength=strength, server=server),
+            **option_defaults(entry, strength=strength, server=defaults),
             "negative_prompt": found.get("negative_prompt", ""),
             "model": entry.name,
             "source_url": attachment.url,

@@ -28,7 +28,7 @@ from bot.discord_front.options import (
 )
 from bot.discord_front.services import services
 from bot.discord_front.ui import start_job
-from bot.inputs import DEFAULT_STRENGTH, Fallbacks, option_defaults, parse_loras, parse_size
+from bot.inputs import DEFAULT_STRENGTH, option_defaults, parse_loras, parse_size
 from bot.rules import check_prompt_lengths
 
 Steps = app_commands.Range[int, jobs.MIN_STEPS, jobs.MAX_STEPS]
@@ -84,7 +84,7 @@ class Generate(commands.Cog):
                 guidance=guidance,
                 scheduler=scheduler,
                 strength=extra.get("strength"),
-                server=Fallbacks(defaults.steps, defaults.guidance, defaults.scheduler),
+                server=defaults,
             )
             if size:
                 params["width"], params["height"] = parse_size(size)

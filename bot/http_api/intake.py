@@ -27,7 +27,6 @@ from bot.http_api.context import ApiContext, Caller
 from bot.http_api.schemas import ApiRequest, parse_request
 from bot.inputs import (
     DEFAULT_STRENGTH,
-    Fallbacks,
     attachment_bytes,
     option_defaults,
     picture_inputs,
@@ -102,7 +101,7 @@ async def request_params(ctx: ApiContext, caller: Caller, api: ApiRequest) -> di
         guidance=api.cfg_scale,
         scheduler=api.sampler,
         strength=strength,
-        server=Fallbacks(defaults.steps, defaults.guidance, defaults.scheduler),
+        server=defaults,
     )
     if api.width:
         params["width"] = snap_to_8(api.width)
