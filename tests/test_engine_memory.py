@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from bot.catalog import BUILTIN_TINY_XL
 from bot.db import Database
 from bot.engine import BUILTIN_TINY, Engine, LoadRecord
 from bot.engine.device import enable_tf32, resolve_device, resolve_dtype
@@ -124,6 +125,34 @@ def test_a_nan_decode_is_decoded_again_in_fp32_and_logged_once(
         assert pixels.std() > 0  # a real picture, not the black of a NaN decode
     warnings = [r for r in caplog.records if "NaN" in r.getMessage()]
     assert len(warnings) == 1 and "tiny" in warnings[0].getMessage()
+
+
+def test_a_force_upcast_vae_is_cast_to_fp32_once_per_batch(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tiny-xl's VAE says force_upcast, as SDXL's does: under fp16 it decodes in float32.
+    engine = Engine(device="cpu", dtype="float16", cache_dir=model_cache)
+    vae = engine.load(BUILTIN_TINY_XL).vae
+    original_decode, original_to = vae.decode, torch.nn.Module.to
+    dtypes: list[torch.dtype] = []
+    casts: list[Any] = []
+
+    def decode(latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        dtypes.append(vae.dtype)
+        return original_decode(latents, *args, **kwargs)
+
+    def to(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if module is vae:
+            casts.append(args[0] if args else kwargs)
+        return original_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", decode)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    [result] = engine.generate([make(BUILTIN_TINY_XL, count=3, seed=7, steps=2)])
+    assert dtypes == [torch.float32] * 3  # each image decoded in float32
+    assert casts == [torch.float32, torch.float16]  # there and back once, not per image
+    assert vae.dtype == torch.float16
+    assert all(np.asarray(image).std() > 0 for image in result.images)
 
 
 # -- memory decides --------------------------------------------------------------------------

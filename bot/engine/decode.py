@@ -36,10 +36,15 @@ def decode_latents(
     # One image at a time: a batch-size-independent result, and the VAE's peak memory
     # (the largest of the whole run at 512px and up) stays that of a single image.
     out: list[Image.Image] = []
-    for i in range(latents.shape[0]):
-        decoded = _decode_guarded(pipe, latents[i : i + 1], model, upcast_logged)
-        pil = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
-        out.append(pil if pil.mode == "RGB" else pil.convert("RGB"))
+    vae = pipe.vae
+    # A VAE that says it needs float32 under fp16 (SDXL's) decodes the whole batch in it:
+    # one cast there and back, not two per image.
+    forced = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    with _in_fp32(vae) if forced else contextlib.nullcontext():
+        for i in range(latents.shape[0]):
+            decoded = _decode_guarded(pipe, latents[i : i + 1], model, upcast_logged)
+            pil = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+            out.append(pil if pil.mode == "RGB" else pil.convert("RGB"))
     return out
 
 
@@ -47,8 +52,6 @@ def _decode_guarded(
     pipe: Any, latents: torch.Tensor, model: str, upcast_logged: set[str] | None
 ) -> torch.Tensor:
     vae = pipe.vae
-    if vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False)):
-        return _decode_fp32(pipe, latents)
     decoded = _decode_tiling_on_oom(pipe, latents)
     if vae.dtype != torch.float32 and not bool(torch.isfinite(decoded).all()):
         logged = upcast_logged if upcast_logged is not None else set()
@@ -66,13 +69,19 @@ def _decode_guarded(
 
 def _decode_fp32(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     """The decode with the VAE cast to float32 for this one call."""
-    vae = pipe.vae
+    with _in_fp32(pipe.vae):
+        return _decode_tiling_on_oom(pipe, latents.to(torch.float32))
+
+
+@contextlib.contextmanager
+def _in_fp32(vae: Any) -> Iterator[None]:
+    """The VAE cast to float32 inside, back to its dtype after."""
     dtype = vae.dtype
     # torch's own `to`: diffusers' warns on every cast about modules to keep in float32, and
-    # this cast is exactly that, for one call.
+    # this cast is exactly that, for a while.
     torch.nn.Module.to(vae, torch.float32)
     try:
-        return _decode_tiling_on_oom(pipe, latents.to(torch.float32))
+        yield
     finally:
         torch.nn.Module.to(vae, dtype)
 
