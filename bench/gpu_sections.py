@@ -23,7 +23,6 @@ from bench.gpu_measure import allocated_mb, best_rate, denoise_rate, timed
 from bench.gpu_models import native_size, write_model
 from bot.backend import Finished, JobOrigin
 from bot.engine import Engine
-from bot.engine.device import free_memory
 from bot.errors import GenerationFailed
 from bot.jobs import GenerationRequest
 
@@ -154,7 +153,6 @@ def dtypes(bench: Bench) -> list[Row]:
         engine = bench.engine(dtype=dtype)
         out.append(f"{dtype}: {bench.rate(engine, 1):.2f}")
         engine.unload()
-        free_memory(bench.device)
     return [Row(f"SD 1.5 {bench.size()}px batch 1, bf16 vs fp16", " / ".join(out) + " it/s")]
 
 
@@ -184,7 +182,6 @@ def exact_cost(bench: Bench) -> list[Row]:
         engine = bench.engine(exact_batches=exact)
         rates[exact] = bench.rate(engine, images)
         engine.unload()
-        free_memory(bench.device)
     cost = 100.0 * (rates[False] / rates[True] - 1.0) if rates[True] > 0 else float("nan")
     return [
         Row(
@@ -198,12 +195,10 @@ def memory(bench: Bench) -> list[Row]:
     bench.cuda()
     engine = bench.engine()
     engine.unload()
-    free_memory(bench.device)
     base = allocated_mb(engine)
     engine.generate(bench.requests(1))
     loaded = allocated_mb(engine)
     engine.unload()
-    free_memory(bench.device)
     after_evict = allocated_mb(engine)
     engine.generate(bench.requests(1))
     before_fail = allocated_mb(engine)
@@ -219,7 +214,6 @@ def memory(bench: Bench) -> list[Row]:
         failed = True
     after_fail = allocated_mb(engine)
     engine.unload()
-    free_memory(bench.device)
     return [
         Row(
             "allocated after an eviction, vs before the load",
@@ -246,7 +240,6 @@ def oom(bench: Bench) -> list[Row]:
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, bench.device)
         engine.unload()
-        free_memory(bench.device)
     return [
         Row(
             f"OOM recovery: 8 x 1024px under a {cap / 2**30:.0f} GiB cap",
@@ -314,7 +307,6 @@ def switch(bench: Bench) -> list[Row]:
         # ones reuse the pinned blocks the other model left.
         times = [_load_time(engine, model) for model in (first, second) * 2]
         engine.unload()
-        free_memory(bench.device)
         rows.append(
             Row(
                 f"model switch back and forth ({label}), one model loaded",
@@ -365,7 +357,6 @@ def sdxl(bench: Bench) -> list[Row]:
         rate = bench.rate(engine, 1, family="sdxl")
     finally:
         engine.unload()
-        free_memory(bench.device)
     rows.append(Row(f"SDXL {size}px batch 1 eager ({engine.dtype})", f"{rate:.2f} it/s"))
     return rows
 

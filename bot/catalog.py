@@ -173,7 +173,7 @@ class Catalog:
             source=text,
             native_size=probe_native_size(text),
             description="Not in the catalog; loaded from its source.",
-            family="sdxl" if text == BUILTIN_TINY_XL else None,
+            family=source_family(text),
         )
 
     def loras(self) -> list[str]:
@@ -307,9 +307,7 @@ def _defaults(raw: dict[str, Any], source: str, bad: Any) -> dict[str, Any]:
     family = raw.get("family")
     if family is not None and family not in FAMILIES:
         raise bad(f"`family` must be one of {', '.join(FAMILIES)}, got {family!r}")
-    if family is None and source == BUILTIN_TINY_XL:
-        family = "sdxl"
-    out["family"] = family
+    out["family"] = family if family is not None else source_family(source)
     return out
 
 
@@ -331,6 +329,12 @@ def _relative_to(value: str, base: Path | None, *, always: bool = False) -> str:
 
 
 # -- helpers shared with bot.engine and bench ---------------------------------------------
+
+
+def source_family(source: str) -> str | None:
+    """The family a source is known to have before loading: the built-in tiny SDXL's (others
+    are found out from their model_index.json at load)."""
+    return "sdxl" if source == BUILTIN_TINY_XL else None
 
 
 def looks_like_source(text: str) -> bool:

@@ -68,10 +68,10 @@ class _Bucketed:
         self.eager_calls = 0
 
     def __call__(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not self._use_compiled(sample):
+        key = self._graph_for(sample)
+        if key is None:
             self.eager_calls += 1
             return self.original(sample, *args, **kwargs)
-        key = (tuple(sample.shape), sample.dtype, sample.device)
         if key in self.graphs:
             self.compiled_calls += 1
             return self.compiled(sample, *args, **kwargs)
@@ -108,14 +108,15 @@ class _Bucketed:
         )
         return out
 
-    def _use_compiled(self, sample: torch.Tensor) -> bool:
+    def _graph_for(self, sample: torch.Tensor) -> tuple[Any, ...] | None:
+        """The compiled graph's key for `sample` (one made or still allowed); None: eager."""
         if sample.ndim != 4 or (int(sample.shape[2]), int(sample.shape[3])) not in self.sizes:
-            return False
+            return None
         module = self.module()
         if module is None or getattr(module, "peft_config", None):
-            return False  # LoRA layers are in: see the module docstring
+            return None  # LoRA layers are in: see the module docstring
         key = (tuple(sample.shape), sample.dtype, sample.device)
-        return key in self.graphs or len(self.graphs) < self.max_graphs
+        return key if key in self.graphs or len(self.graphs) < self.max_graphs else None
 
 
 class Compiler:

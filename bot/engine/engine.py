@@ -109,11 +109,8 @@ class Engine:
         #: One checker for all: most fine-tunes and every SDXL model ship without one, and a
         #: server's NSFW policy should not depend on which model a member picked.
         self.safety_checker = safety_checker
-        #: CPU RAM (MB) that keeps evicted models' weights; 0 = evicted models are dropped.
-        self.ram_cache_mb = ram_cache_mb
-        #: torch.compile the denoiser for a few size buckets (SDBOT_COMPILE).
-        self.compile = compile
-        #: Compiles each model's UNet and VAE decoder (bot/engine/compile.py) when `compile`.
+        #: Compiles each model's UNet and VAE decoder (bot/engine/compile.py) with `compile`
+        #: (SDBOT_COMPILE), for a few size buckets.
         self.compiler: Compiler | None = Compiler() if compile else None
         #: Step previews: TAESD where its weights are in the cache folder, else a linear map.
         self.previews = Previews(self.cache_dir, device=self.device, dtype=self.dtype)

@@ -226,7 +226,3 @@ class RamTier(Generic[T]):
     def clear(self) -> None:
         self._items.clear()
         self.spare = 0
-
-
-def megabytes(size: int) -> float:
-    return size / MB
