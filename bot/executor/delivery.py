@@ -10,7 +10,6 @@ order), then exactly one Finished or Failed, after the row that says so.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import replace
@@ -29,7 +28,7 @@ from bot.backend import (
 from bot.db import Database
 from bot.errors import GenerationFailed, JobCancelled, SdbotError, without_frames
 from bot.executor.local_job import LocalJob, Outcome
-from bot.imaging import encode_pngs, request_parameters
+from bot.imaging import encode_pngs, preview_png, request_parameters
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -80,7 +79,7 @@ class Delivery:
 
     async def _send_preview(self, job: LocalJob, event: Progress, image: Image.Image) -> None:
         try:
-            png: bytes | None = await asyncio.to_thread(_preview_png, image)
+            png: bytes | None = await asyncio.to_thread(preview_png, image)
         except Exception:
             log.warning("could not encode a preview for job %d", job.id, exc_info=True)
             png = None
@@ -282,10 +281,3 @@ class ModelLoadRecorder:
 
 
 # -- encoding, in asyncio.to_thread ---------------------------------------------------------
-
-
-def _preview_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    # Speed over size: previews are thrown away a second later.
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()

@@ -15,7 +15,6 @@ that stopped answering, and give up on the latter (`bot.serve.client.SILENCE_S`)
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -125,10 +124,3 @@ class RunRecord:
 
 
 Event = Hello | LoadRecord | Step | Beat | Done
-
-
-def png(image: Image.Image) -> bytes:
-    """A small PNG (previews are 1/8 of the image; fast compression is plenty)."""
-    out = io.BytesIO()
-    image.save(out, format="PNG", compress_level=1)
-    return out.getvalue()

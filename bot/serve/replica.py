@@ -39,6 +39,7 @@ from ray import serve
 from bot.catalog import Catalog
 from bot.engine import Engine, LoadRecord, StepInfo
 from bot.errors import JobCancelled, SdbotError
+from bot.imaging import preview_png
 from bot.serve.protocol import (
     HEARTBEAT_S,
     Beat,
@@ -50,7 +51,6 @@ from bot.serve.protocol import (
     ResultData,
     RunRecord,
     Step,
-    png,
 )
 from bot.settings import export_hub_token, load_settings
 
@@ -153,7 +153,9 @@ class _Call:
         previews: tuple[bytes | None, ...] = ()
         # Not on the last step: the finished image follows at once.
         if every and info.step % every == 0 and info.step < info.total:
-            previews = tuple(png(info.preview(i)) for i in range(len(self.payload.requests)))
+            previews = tuple(
+                preview_png(info.preview(i)) for i in range(len(self.payload.requests))
+            )
         now = time.monotonic()
         last = info.step >= info.total
         if previews or last or now - self.last_sent >= self.payload.step_interval_s:
