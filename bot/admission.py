@@ -121,14 +121,17 @@ async def decode_image(
     )
 
 
+_REQUEST_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
+
+
 def _asked(params: Mapping[str, Any]) -> dict[str, int] | None:
     """The size, steps and count a request asks for, when all are whole numbers (any other
     value is left to GenerationRequest, which names what is wrong with it)."""
     asked = {
         "width": params.get("width"),
         "height": params.get("height"),
-        "steps": params.get("steps", 20),  # GenerationRequest's defaults
-        "count": params.get("count", 1),
+        "steps": params.get("steps", _REQUEST_DEFAULTS["steps"]),
+        "count": params.get("count", _REQUEST_DEFAULTS["count"]),
     }
     if all(isinstance(v, int) and not isinstance(v, bool) for v in asked.values()):
         return {k: int(v) for k, v in asked.items() if v is not None}

@@ -123,6 +123,24 @@ class GenerationRequest:
         return out
 
 
+def check_size_range(name: str, value: int) -> None:
+    """sdbot's bounds on a width or height (every front, before the server's maxima)."""
+    if not MIN_SIZE <= value <= MAX_SIZE:
+        raise InvalidRequest(
+            f"{name} {value} is out of range; use {MIN_SIZE} to {MAX_SIZE} pixels."
+        )
+
+
+def check_steps_range(steps: int) -> None:
+    if not MIN_STEPS <= steps <= MAX_STEPS:
+        raise InvalidRequest(f"steps {steps} is out of range; use {MIN_STEPS} to {MAX_STEPS}.")
+
+
+def check_count_range(count: int) -> None:
+    if not 1 <= count <= MAX_COUNT:
+        raise InvalidRequest(f"count {count!r} is out of range; use 1 to {MAX_COUNT}.")
+
+
 def check_inputs(req: GenerationRequest) -> None:
     """Raise InvalidRequest naming the first bad value and what is allowed."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
@@ -143,16 +161,12 @@ def check_inputs(req: GenerationRequest) -> None:
     for name, value in (("width", req.width), ("height", req.height)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidRequest(f"{name} must be a whole number of pixels, got {value!r}.")
-        if not MIN_SIZE <= value <= MAX_SIZE:
-            raise InvalidRequest(
-                f"{name} {value} is out of range; use {MIN_SIZE} to {MAX_SIZE} pixels."
-            )
+        check_size_range(name, value)
         if value % 8:
             raise InvalidRequest(f"{name} {value} is not a multiple of 8; try {snap_to_8(value)}.")
     if isinstance(req.steps, bool) or not isinstance(req.steps, int):
         raise InvalidRequest(f"steps must be a whole number, got {req.steps!r}.")
-    if not MIN_STEPS <= req.steps <= MAX_STEPS:
-        raise InvalidRequest(f"steps {req.steps} is out of range; use {MIN_STEPS} to {MAX_STEPS}.")
+    check_steps_range(req.steps)
     if not isinstance(req.guidance, (int, float)) or isinstance(req.guidance, bool):
         raise InvalidRequest(f"guidance must be a number, got {req.guidance!r}.")
     if not math.isfinite(req.guidance) or not MIN_GUIDANCE <= req.guidance <= MAX_GUIDANCE:
@@ -163,12 +177,9 @@ def check_inputs(req: GenerationRequest) -> None:
         raise InvalidRequest(f"seed {req.seed!r} is out of range; use 0 to {MAX_SEED}.")
     if req.mode not in MODES:
         raise InvalidRequest(f"mode {req.mode!r} is unknown; use one of {', '.join(MODES)}.")
-    if (
-        isinstance(req.count, bool)
-        or not isinstance(req.count, int)
-        or not 1 <= req.count <= MAX_COUNT
-    ):
+    if isinstance(req.count, bool) or not isinstance(req.count, int):
         raise InvalidRequest(f"count {req.count!r} is out of range; use 1 to {MAX_COUNT}.")
+    check_count_range(req.count)
     if not isinstance(req.scheduler, str) or not req.scheduler:
         raise InvalidRequest("No scheduler was given.")
     canonical_name(req.scheduler)  # raises naming the allowed samplers

@@ -22,13 +22,11 @@ from bot.db import Database
 from bot.errors import InvalidRequest, SdbotError
 from bot.guild_config import GuildConfig, GuildConfigs
 from bot.jobs import (
-    MAX_COUNT,
     MAX_PROMPT_CHARS,
-    MAX_SIZE,
-    MAX_STEPS,
-    MIN_SIZE,
-    MIN_STEPS,
     GenerationRequest,
+    check_count_range,
+    check_size_range,
+    check_steps_range,
 )
 from bot.settings import Settings
 
@@ -198,17 +196,12 @@ def check_size_limits(
     """Size, steps and count within sdbot's bounds and this server's maxima, checked on what
     a request asks for before any input picture is decoded or resized to that size (a
     40000×40000 target would make Pillow allocate gigabytes)."""
-    for name, value in (("width", width), ("height", height)):
-        if not MIN_SIZE <= value <= MAX_SIZE:
-            raise InvalidRequest(
-                f"{name} {value} is out of range; use {MIN_SIZE} to {MAX_SIZE} pixels."
-            )
     # sdbot's own bounds before the server's maxima, with GenerationRequest's words: a request
     # out of range is malformed, not refused by this server.
-    if not MIN_STEPS <= steps <= MAX_STEPS:
-        raise InvalidRequest(f"steps {steps} is out of range; use {MIN_STEPS} to {MAX_STEPS}.")
-    if not 1 <= count <= MAX_COUNT:
-        raise InvalidRequest(f"count {count} is out of range; use 1 to {MAX_COUNT}.")
+    check_size_range("width", width)
+    check_size_range("height", height)
+    check_steps_range(steps)
+    check_count_range(count)
     _check_maxima(config, width=width, height=height, steps=steps, count=count)
 
 
