@@ -199,13 +199,7 @@ def _generate(settings: Settings, args: argparse.Namespace) -> None:
         given["strength"] = strength
     request = GenerationRequest(**given)
 
-    engine = Engine(
-        device=settings.device,
-        dtype=settings.dtype,
-        cache_dir=settings.cache_dir,
-        catalog=catalog,
-        compile=settings.compile,
-    )
+    engine = Engine.from_settings(settings, catalog)  # one model: the RAM tier stays idle
     result = engine.generate([request])[0]
     texts = [
         imaging.request_parameters(request, seed=seed, sampler=result.sampler)

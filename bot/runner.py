@@ -183,15 +183,7 @@ async def _tidy(db: Database, settings: Settings) -> list[Any]:
 def _make_engine(settings: Settings, catalog: Catalog) -> Engine:
     from bot.engine import Engine  # torch/diffusers take seconds to import: only when serving
 
-    return Engine(
-        device=settings.device,
-        dtype=settings.dtype,
-        cache_dir=settings.cache_dir,
-        catalog=catalog,
-        max_loaded=settings.max_loaded_models,
-        ram_cache_mb=settings.ram_cache_mb,
-        compile=settings.compile,
-    )
+    return Engine.from_settings(settings, catalog)
 
 
 def _close_on_signals(bot: SdBot) -> None:

@@ -43,6 +43,7 @@ from bot.jobs import GenerationRequest
 from bot.model_sources import availability
 from bot.samplers import DEFAULT as DEFAULT_SCHEDULER
 from bot.samplers import make_scheduler, scheduler_label
+from bot.settings import Settings
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -114,6 +115,19 @@ class Engine:
         self.compiler: Compiler | None = Compiler() if compile else None
         #: Step previews: TAESD where its weights are in the cache folder, else a linear map.
         self.previews = Previews(self.cache_dir, device=self.device, dtype=self.dtype)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, catalog: Catalog) -> Engine:
+        """The engine the bot's settings describe (the bot's own, or a Serve replica's)."""
+        return cls(
+            device=settings.device,
+            dtype=settings.dtype,
+            cache_dir=settings.cache_dir,
+            catalog=catalog,
+            max_loaded=settings.max_loaded_models,
+            ram_cache_mb=settings.ram_cache_mb,
+            compile=settings.compile,
+        )
 
     # -- loading ------------------------------------------------------------------------------
 

@@ -66,15 +66,7 @@ RUN_LOG = 50
 
 def build_engine(settings: Settings) -> Engine:
     """The engine a replica runs: the same settings as the bot's local engine."""
-    return Engine(
-        device=settings.device,
-        dtype=settings.dtype,
-        cache_dir=settings.cache_dir,
-        catalog=Catalog.load(settings.models_file, settings.lora_dir),
-        max_loaded=settings.max_loaded_models,
-        ram_cache_mb=settings.ram_cache_mb,
-        compile=settings.compile,
-    )
+    return Engine.from_settings(settings, Catalog.load(settings.models_file, settings.lora_dir))
 
 
 def _is_last_step(event: Event) -> bool:
