@@ -112,8 +112,7 @@ class ApiKeys(app_commands.Group, name="apikey", description="Keys for sdbot's H
             return
         if key is None:
             raise InvalidRequest("Name the key to revoke; /apikey list shows yours.")
-        which = key.strip().removeprefix("#").removesuffix("…")
-        revoked = await db.revoke_api_key(guild_id, interaction.user.id, which)
+        revoked = await db.revoke_api_key(guild_id, interaction.user.id, _key_ref(key))
         if revoked is None:
             raise InvalidRequest("You have no such key here; /apikey list shows yours.")
         await respond(interaction, f"🗑️ Revoked {_describe(revoked)}. It stops working now.")
@@ -126,8 +125,7 @@ class ApiKeys(app_commands.Group, name="apikey", description="Keys for sdbot's H
         db = services(interaction).db
         who = discord.utils.escape_mentions(echo(str(member), 40))
         if key is not None:
-            which = key.strip().removeprefix("#").removesuffix("…")
-            one = await db.revoke_api_key(interaction.guild_id, member.id, which)
+            one = await db.revoke_api_key(interaction.guild_id, member.id, _key_ref(key))
             if one is None:
                 raise InvalidRequest(f"{who} has no such key here.")
             revoked = [one]
@@ -158,6 +156,11 @@ class ApiKeys(app_commands.Group, name="apikey", description="Keys for sdbot's H
         keys = await services(interaction).db.api_keys_of(interaction.guild_id, owner)
         labels = {str(k.id): f"#{k.id} {k.prefix}… {k.name}".strip() for k in keys}
         return matching(list(labels), current, labels)
+
+
+def _key_ref(key: str) -> str:
+    """A key as named from /apikey list's "#id prefix… name" (its id or prefix) or typed."""
+    return key.strip().removeprefix("#").removesuffix("…")
 
 
 class ApiKeyCog(commands.Cog, name="API keys"):

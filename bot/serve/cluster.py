@@ -69,13 +69,17 @@ class ServeCluster:
             with contextlib.suppress(Exception):
                 serve.delete(self.app)
         if self.started_ray:
-            if self.local:
-                # Only a cluster of this process: on a shared one, serve.shutdown() would
-                # delete every app deployed there.
-                with contextlib.suppress(Exception):
-                    serve.shutdown()
-            # Remote: only disconnects this process.
-            ray.shutdown()
+            _stop_ray(local=self.local)
+
+
+def _stop_ray(*, local: bool) -> None:
+    """Undo this process's ray.init: with Serve too when the cluster is this process's own
+    (on a shared one, serve.shutdown() would delete every app deployed there); remote, only
+    disconnect."""
+    if local:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+    ray.shutdown()
 
 
 @contextlib.asynccontextmanager
@@ -139,10 +143,7 @@ def connect(settings: Settings, options: AppOptions | None = None) -> ServeClust
         )
     except BaseException:
         if started_ray:
-            if local:
-                with contextlib.suppress(Exception):
-                    serve.shutdown()
-            ray.shutdown()
+            _stop_ray(local=local)
         raise
     cluster.engines = [
         ServeEngine(cluster.link, max_loaded=cluster.max_loaded) for _ in range(cluster.slots)
