@@ -27,8 +27,8 @@ from bot.executor import GpuExecutor, Worker
 from bot.guild_config import GuildConfigs
 from bot.http_api.context import ApiContext
 from bot.http_api.progress import JobTracker
-from bot.http_api.server import ApiServer, parse_bind
-from bot.settings import Settings, check_default_model, is_loopback_url
+from bot.http_api.server import ApiServer
+from bot.settings import Settings, check_default_model, is_loopback_url, parse_bind
 
 if TYPE_CHECKING:
     from bot.engine import Engine

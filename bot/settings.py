@@ -29,7 +29,16 @@ from bot.catalog import (
 from bot.errors import InvalidRequest, SettingsError
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_API_BIND_RE = re.compile(r"^\s*(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})\s*$")
+_API_BIND_RE = re.compile(r"^\s*(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})\s*$")
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" as (host, port); the host a name, IPv4 or [IPv6], the
+    port 0 to 65535 (0 picks a free one)."""
+    match = _API_BIND_RE.match(bind)
+    if match is None or int(match.group(3)) > 65535:
+        raise ValueError(f"SDBOT_API_BIND {bind!r} is not host:port, e.g. 127.0.0.1:7860")
+    return match.group(1) or match.group(2), int(match.group(3))
 
 
 class Settings(BaseSettings):
@@ -119,12 +128,14 @@ class Settings(BaseSettings):
     @field_validator("api_bind", mode="before")
     @classmethod
     def _check_api_bind(cls, value: object) -> object:
-        # host:port, the host a name, IPv4 or [IPv6]; port 0 picks a free one (tests).
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
-        match = _API_BIND_RE.match(value) if isinstance(value, str) else None
-        if not isinstance(value, str) or match is None or int(match.group(2)) > 65535:
-            raise ValueError("must be host:port, e.g. 127.0.0.1:7860 or [::1]:7860")
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            parse_bind(value)
+        except ValueError:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:7860 or [::1]:7860") from None
         return value.strip()
 
     @field_validator("device")

@@ -20,8 +20,8 @@ from bot.http_api.auth import key_in
 from bot.http_api.context import ApiContext
 from bot.http_api.progress import JobTracker
 from bot.http_api.schemas import model_name, parse_request, sampler_of
-from bot.http_api.server import ApiServer, parse_bind
-from bot.settings import is_loopback, load_settings
+from bot.http_api.server import ApiServer
+from bot.settings import is_loopback, load_settings, parse_bind
 
 
 async def test_keys_are_stored_hashed_found_by_key_and_revoked_at_once(tmp_path: Path) -> None:

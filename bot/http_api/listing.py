@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from bot.errors import InvalidRequest
+from bot.guild_config import defaults_of
 from bot.http_api.auth import allowed_caller
 from bot.http_api.context import ApiContext, Caller, context_of, read_json
 from bot.http_api.intake import decode_base64_limit
@@ -77,7 +78,7 @@ async def _options(ctx: ApiContext, caller: Caller) -> dict[str, Any]:
     chosen = str(caller.key.options.get("sd_model_checkpoint") or "")
     if not chosen:
         config = await ctx.guild_configs.get(caller.key.guild_id)
-        chosen = ctx.catalog.resolve(config.default_model or ctx.settings.default_model).name
+        chosen = ctx.catalog.resolve(defaults_of(config, ctx.settings.default_model).model).name
     return {
         "sd_model_checkpoint": chosen,
         "sd_checkpoint_hash": None,

@@ -11,7 +11,6 @@ need, so no request makes the process hold more than that.
 from __future__ import annotations
 
 import logging
-import re
 
 from aiohttp import web
 
@@ -19,20 +18,11 @@ from bot.http_api import generation, listing
 from bot.http_api.context import CONTEXT, ApiContext
 from bot.http_api.problems import errors_as_json
 from bot.inputs import attachment_bytes
-from bot.settings import is_loopback
+from bot.settings import is_loopback, parse_bind
 
 log = logging.getLogger(__name__)
 
-_BIND = re.compile(r"^\s*(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})\s*$")
 API = "/sdapi/v1"
-
-
-def parse_bind(bind: str) -> tuple[str, int]:
-    """ "host:port" or "[v6]:port" as (host, port)."""
-    match = _BIND.match(bind)
-    if match is None or int(match.group(3)) > 65535:
-        raise ValueError(f"SDBOT_API_BIND {bind!r} is not host:port, e.g. 127.0.0.1:7860")
-    return match.group(1) or match.group(2), int(match.group(3))
 
 
 def body_limit(ctx: ApiContext) -> int:
